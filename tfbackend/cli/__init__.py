@@ -1,0 +1,1 @@
+"""The command line: parse, call, exit. Nothing here computes or formats."""

@@ -1,0 +1,72 @@
+"""`tfbackend check`: static inspection, no weights, no GPU."""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import typer
+
+from tfbackend.cli.app import app
+from tfbackend.cli.errors import user_errors
+
+
+def _split(values: list[str] | None) -> list[str]:
+    out: list[str] = []
+    for v in values or []:
+        out.extend(x.strip().upper() for x in v.split(",") if x.strip())
+    return out
+
+
+@app.command()
+def check(
+    model: str = typer.Argument(..., help="Hub id (org/name), a local folder, or a config.json."),
+    tp: int = typer.Option(1, "--tp", help="Tensor parallel size to check."),
+    pp: int = typer.Option(1, "--pp", help="Pipeline parallel size to check."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Hub branch, tag or commit."),
+    token: Optional[str] = typer.Option(
+        None, "--token", envvar="HF_TOKEN", help="Hub token for gated or private repos."
+    ),
+    offline: bool = typer.Option(
+        False, "--offline", help="Use the local hub cache only (as HF_HUB_OFFLINE=1)."
+    ),
+    trust_remote_code: bool = typer.Option(
+        False, "--trust-remote-code", help="Allow running the repo's own modelling code."
+    ),
+    vllm_version: Optional[str] = typer.Option(
+        None, "--vllm-version", help="Check against this vLLM version or profile (default: installed, else newest)."
+    ),
+    select: Optional[list[str]] = typer.Option(None, "--select", help="Only these rule ids or prefixes."),
+    ignore: Optional[list[str]] = typer.Option(None, "--ignore", help="Skip these rule ids or prefixes."),
+    strict: bool = typer.Option(False, "--strict", help="Warnings fail the check too."),
+    json_out: bool = typer.Option(False, "--json", help="Print the JSON report only (schema in docs/json-schema.md)."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Predict what vLLM's Transformers backend will build for MODEL, and whether it will work."""
+    from tfbackend.check import CheckOptions, check as run_check
+
+    with user_errors(debug):
+        report = run_check(
+            model,
+            CheckOptions(
+                tp=tp,
+                pp=pp,
+                revision=revision,
+                token=token,
+                offline=offline or None,
+                trust_remote_code=trust_remote_code,
+                vllm_version=vllm_version,
+                select=_split(select),
+                ignore=_split(ignore),
+                strict=strict,
+            ),
+        )
+    if json_out:
+        from tfbackend.report.json_out import to_json
+
+        sys.stdout.write(to_json(report) + "\n")
+    else:
+        from tfbackend.report.console import make_console, render_check
+
+        render_check(report, make_console())
+    raise typer.Exit(report.exit_code)

@@ -1,0 +1,27 @@
+"""Errors a user can fix. The CLI turns each into one line on stderr and exit code 2."""
+
+
+class UserError(Exception):
+    """Bad input or environment: the message says what to do."""
+
+    exit_code = 2
+
+
+class SourceError(UserError):
+    """The model could not be resolved (path, hub id, network, access)."""
+
+
+class ConfigError(UserError):
+    """The model's config could not be read or built."""
+
+
+class RemoteCodeError(ConfigError):
+    """The model needs its own code and `--trust-remote-code` was not given."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint file is unreadable (corrupt or truncated header)."""
+
+
+class RunError(UserError):
+    """A parity run could not complete (a rank died, hung or ran out of memory)."""

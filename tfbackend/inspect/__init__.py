@@ -1,0 +1,45 @@
+"""source → facts: resolve the model, load its config, build it on meta, walk it."""
+
+from __future__ import annotations
+
+from tfbackend.inspect.facts import ModelFacts, SourceInfo
+
+
+def gather_facts(
+    model: str,
+    *,
+    revision: str | None = None,
+    token: str | None = None,
+    offline: bool | None = None,
+    trust_remote_code: bool = False,
+) -> ModelFacts:
+    from tfbackend.inspect.resolve import resolve
+
+    return facts_from_source(
+        resolve(model, revision=revision, token=token, offline=offline),
+        trust_remote_code=trust_remote_code,
+    )
+
+
+def facts_from_source(source: SourceInfo, *, trust_remote_code: bool = False) -> ModelFacts:
+    from tfbackend.inspect.config import load_config
+
+    loaded = load_config(source, trust_remote_code=trust_remote_code)
+    return facts_from_config(loaded.config, source, trust_remote_code=loaded.custom_code_used)
+
+
+def facts_from_config(config, source: SourceInfo, *, trust_remote_code: bool = False) -> ModelFacts:
+    """Facts for an in-memory config (the sweep uses this with transformers' default configs)."""
+    from tfbackend.inspect.meta import build_on_meta, causal_lm_class_name, quiet
+    from tfbackend.inspect.walk import walk
+
+    text = config.get_text_config()
+    # The backend builds the whole model; for a multimodal config we check its language model.
+    model = build_on_meta(text if text is not config else config, trust_remote_code=trust_remote_code)
+    with quiet():
+        facts = walk(model, config, text, source)
+    facts.causal_lm_class = causal_lm_class_name(config)
+    return facts
+
+
+__all__ = ["ModelFacts", "SourceInfo", "gather_facts", "facts_from_source", "facts_from_config"]

@@ -1,0 +1,58 @@
+"""Does a module dispatch attention through transformers' attention interface?
+
+The backend can only serve attention that a module hands to `ALL_ATTENTION_FUNCTIONS` (vLLM
+0.32 checks the forward's source for exactly one call of a function looked up there).
+We read the same source the same way, without vLLM.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import textwrap
+from dataclasses import dataclass
+from functools import cache
+
+
+@dataclass(frozen=True)
+class InterfaceCall:
+    scaling: str | None  # source of the `scaling=` argument, if one is passed
+    s_aux: str | None  # source of the `s_aux=` argument (attention sinks)
+
+
+def _reads_interface(node: ast.expr | None) -> bool:
+    if isinstance(node, ast.Call):
+        node = node.func
+    if not isinstance(node, (ast.Attribute, ast.Subscript)):
+        return False
+    return isinstance(node.value, ast.Name) and node.value.id == "ALL_ATTENTION_FUNCTIONS"
+
+
+@cache
+def interface_call(cls: type) -> InterfaceCall | None:
+    """The one attention-interface call in `cls.forward`, or None if there is not exactly one."""
+    try:
+        source = inspect.getsource(inspect.unwrap(cls.forward))
+        tree = ast.parse(textwrap.dedent(source))
+    except (AttributeError, OSError, SyntaxError, TypeError):
+        return None
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Assign, ast.AnnAssign)) and _reads_interface(node.value):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(t.id for t in targets if isinstance(t, ast.Name))
+    calls = [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in names
+    ]
+    if len(calls) != 1:
+        return None
+    kw = {k.arg: ast.unparse(k.value) for k in calls[0].keywords if k.arg}
+    return InterfaceCall(scaling=kw.get("scaling"), s_aux=kw.get("s_aux"))
+
+
+def looks_like_attention(cls: type) -> bool:
+    """A class named like attention, for modules that compute it without the interface."""
+    name = cls.__name__
+    return name.endswith(("Attention", "Attn", "SelfAttention")) or name.endswith("Attention2")

@@ -1,0 +1,117 @@
+"""ModelFacts: everything `check` knows about a model, gathered once from its config and meta build.
+
+Facts are plain data. The planner and the rules read them; nothing downstream touches torch modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+# Module kinds the walker tells apart; everything else is "other".
+LINEAR = "linear"
+CONV1D = "conv1d"  # GPT-2 style transposed linear: the backend never replaces it
+EMBEDDING = "embedding"
+NORM = "norm"
+EXPERTS = "experts"
+ATTENTION = "attention"
+MODULE_LIST = "module_list"
+OTHER = "other"
+
+# Norm variants, decided by running the norm, not by reading its class name.
+NORM_PLAIN = "plain"  # x̂ * w
+NORM_OFFSET = "offset"  # x̂ * (1 + w), Gemma style
+NORM_NO_WEIGHT = "no_weight"  # x̂ only
+NORM_GATED = "gated"  # forward(x, gate): the backend leaves it alone
+NORM_UNKNOWN = "unknown"  # could not be exercised on CPU
+
+
+@dataclass
+class SourceInfo:
+    """Where the model came from."""
+
+    kind: str  # "local" or "hub"
+    location: str  # what the user typed
+    config_path: str
+    repo_id: str | None = None
+    revision: str | None = None
+    local_dir: str | None = None
+    has_custom_code: bool = False
+    custom_code_used: bool = False
+
+
+@dataclass
+class MoEConfig:
+    """MoE numbers read with the same attribute aliases the backend uses."""
+
+    num_experts: int | None = None
+    num_experts_attr: str | None = None
+    top_k: int | None = None
+    top_k_attr: str | None = None
+    intermediate_size: int | None = None
+    num_shared_experts: int = 0
+    renormalize: bool | None = None
+    n_group: int | None = None
+    topk_group: int | None = None
+
+
+@dataclass
+class ConfigFacts:
+    """Numbers from the text config (the one the backend reads)."""
+
+    model_type: str
+    architectures: list[str]
+    hidden_size: int | None
+    num_hidden_layers: int | None
+    num_attention_heads: int | None
+    num_key_value_heads: int | None
+    head_dim: int | None
+    intermediate_size: int | None
+    vocab_size: int | None
+    embedding_size: int | None
+    tie_word_embeddings: bool
+    max_position_embeddings: int | None
+    sliding_window: int | None
+    layer_types: list[str] | None
+    attn_logit_softcapping: float | None
+    final_logit_softcapping: float | None
+    dtype: str | None
+    quantization: dict[str, Any] | None
+    kv_lora_rank: int | None
+    is_multimodal: bool
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+
+@dataclass
+class ModuleFact:
+    """One module of the meta-built base model."""
+
+    qualname: str  # as vLLM names it: prefixed with "model."
+    class_name: str
+    kind: str
+    params: dict[str, list[int]] = field(default_factory=dict)  # direct parameters only
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelFacts:
+    source: SourceInfo
+    config: ConfigFacts
+    model_class: str
+    causal_lm_class: str | None
+    tp_plan: dict[str, str]  # the base model's plan, keys as transformers writes them
+    pp_plan: list[str]  # keys of the base model's _pp_plan, in order
+    pp_module_lists: list[str]  # pp_plan keys that are nn.ModuleList
+    supports_attention_backend: bool
+    attention_source_uses_interface: bool
+    has_non_causal_module: bool
+    num_parameters: int
+    modules: list[ModuleFact]
+    versions: dict[str, str | None]
+    custom_code_modules: list[str] = field(default_factory=list)
+
+    def by_kind(self, kind: str) -> list[ModuleFact]:
+        return [m for m in self.modules if m.kind == kind]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

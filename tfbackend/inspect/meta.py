@@ -1,0 +1,66 @@
+"""Build the model on the `meta` device, as the backend does: no memory, no weights."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from typing import Any
+
+from tfbackend.errors import ConfigError
+
+
+@contextlib.contextmanager
+def quiet():
+    """transformers warns loudly while building random configs; none of it is for the user."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    root = logging.getLogger()
+    old_root = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+        root.setLevel(old_root)
+
+
+def causal_lm_class_name(config: Any) -> str | None:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    archs = getattr(config, "architectures", None) or []
+    if archs:
+        return archs[0]
+    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(config, "model_type", ""))
+
+
+def build_on_meta(config: Any, *, trust_remote_code: bool = False) -> Any:
+    """`AutoModel.from_config` on meta, the base model the backend wraps.
+
+    A config with no base-model mapping falls back to the causal-LM class's base model.
+    """
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    errors = []
+    with quiet(), torch.device("meta"):
+        for factory in (AutoModel, AutoModelForCausalLM):
+            try:
+                model = factory.from_config(config, trust_remote_code=trust_remote_code)
+            except Exception as exc:  # noqa: BLE001 - any failure here is the model's, reported
+                errors.append(exc)
+                continue
+            if factory is AutoModelForCausalLM:
+                model = getattr(model, "base_model", model)
+            return model
+    exc = errors[-1]
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    raise ConfigError(
+        f"transformers could not build {getattr(config, 'model_type', '?')!r} from its config "
+        f"on the meta device: {msg}"
+    ) from exc

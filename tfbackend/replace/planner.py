@@ -1,0 +1,482 @@
+"""facts → plan: the replacements vLLM's Transformers backend will make, under a profile.
+
+Each `_plan_*` function mirrors one step of the backend (pipeline split, linear replacement by
+first-matching tp_plan key, vocab embeddings, norms, experts, attention instances) and records
+what it decided and why. Fallbacks the backend takes silently are written into `reason`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+from tfbackend.inspect.facts import (
+    ATTENTION,
+    CONV1D,
+    EMBEDDING,
+    EXPERTS,
+    LINEAR,
+    NORM,
+    NORM_GATED,
+    NORM_NO_WEIGHT,
+    NORM_OFFSET,
+    NORM_PLAIN,
+    ModelFacts,
+    ModuleFact,
+)
+from tfbackend.inspect.walk import LAYERNORM
+from tfbackend.replace.pipeline import stage_layout
+from tfbackend.replace.plan import (
+    K_EMBEDDING,
+    K_EXPERTS,
+    K_LAYERNORM,
+    K_LINEAR,
+    K_LM_HEAD,
+    K_NORM,
+    K_UNCHANGED,
+    AttentionSpec,
+    MoESpec,
+    ParamShard,
+    PlanEntry,
+    ReplacementPlan,
+)
+from tfbackend.replace.profiles import Profile
+
+_LAYER_INDEX = re.compile(r"^model\.(?P<list>.+?)\.(?P<idx>\d+)(\.|$)")
+
+# A fusion step (vLLM ≥ 0.32 fuses before per-linear replacement). It returns the entries it
+# made; the linears they cover are skipped by `_plan_linears`.
+FusionStep = Callable[[ModelFacts, ReplacementPlan, Profile, Callable[[str], int | None]], list]
+FUSION_STEPS: list[FusionStep] = []
+
+
+def pad_vocab(vocab: int, pad_to: int = 64) -> int:
+    return ((vocab + pad_to - 1) // pad_to) * pad_to
+
+
+def split(size: int, tp: int) -> int:
+    """Per-rank size of a dimension split over tp ranks (floor when it does not divide: the
+    divisibility rules report it)."""
+    return size // tp if tp else size
+
+
+def match_tp_plan(tp_plan: dict[str, str], qualname: str) -> tuple[str | None, str | None]:
+    """The first tp_plan key (prefixed `model.`) that `re.match`es the qualname, and its style."""
+    for key, style in tp_plan.items():
+        if re.match(f"model.{key}", qualname):
+            return key, style
+    return None, None
+
+
+def column_shards(fact: ModuleFact, tp: int) -> list[ParamShard]:
+    out, inp = fact.attrs["out_features"], fact.attrs["in_features"]
+    shards = [ParamShard("weight", [out, inp], [split(out, tp), inp], 0)]
+    if fact.attrs.get("bias"):
+        shards.append(ParamShard("bias", [out], [split(out, tp)], 0))
+    return shards
+
+
+def row_shards(fact: ModuleFact, tp: int) -> list[ParamShard]:
+    out, inp = fact.attrs["out_features"], fact.attrs["in_features"]
+    shards = [ParamShard("weight", [out, inp], [out, split(inp, tp)], 1)]
+    if fact.attrs.get("bias"):
+        shards.append(ParamShard("bias", [out], [out], None))
+    return shards
+
+
+def replicated_shards(fact: ModuleFact) -> list[ParamShard]:
+    return [ParamShard(n, list(s), list(s), None) for n, s in fact.params.items()]
+
+
+SHARDERS = {
+    "ColumnParallelLinear": column_shards,
+    "RowParallelLinear": row_shards,
+}
+
+
+class _Stages:
+    """Which stage holds a module, from the plan's stage layout."""
+
+    def __init__(self, plan: ReplacementPlan):
+        self.plan = plan
+
+    def __call__(self, qualname: str) -> int | None:
+        plan = self.plan
+        if plan.pp <= 1 or not plan.stages or not plan.layers_module:
+            return None if plan.pp <= 1 else None
+        m = _LAYER_INDEX.match(qualname)
+        if m and m.group("list") == plan.layers_module:
+            idx = int(m.group("idx"))
+            for st in plan.stages:
+                if st.layers[0] <= idx < st.layers[1]:
+                    return st.rank
+        top = qualname.removeprefix("model.")
+        for st in plan.stages:
+            if any(top == n or top.startswith(n + ".") for n in st.modules):
+                if not any(top == n or top.startswith(n + ".") for n in st.missing):
+                    # kept on more than one stage (tied embeddings): report the first
+                    return st.rank
+        return None
+
+
+def build_plan(facts: ModelFacts, *, tp: int = 1, pp: int = 1, profile: Profile) -> ReplacementPlan:
+    plan = ReplacementPlan(profile=profile.name, tp=tp, pp=pp)
+    _plan_stages(facts, plan, profile)
+    stage_of = _Stages(plan)
+    fused: set[str] = set()
+    if profile.fuses:
+        for step in FUSION_STEPS:
+            for entry in step(facts, plan, profile, stage_of):
+                plan.entries.append(entry)
+                fused.update(entry.sources)
+    in_stage = _stage_filter(plan)
+    _plan_experts(facts, plan, profile, stage_of, fused)
+    _plan_linears(facts, plan, profile, stage_of, fused)
+    _plan_embeddings(facts, plan, profile, stage_of)
+    _plan_norms(facts, plan, profile, stage_of, fused)
+    _plan_attention(facts, plan, profile)
+    plan.entries = [e for e in plan.entries if in_stage(e)]
+    return plan
+
+
+def _stage_filter(plan: ReplacementPlan) -> Callable[[PlanEntry], bool]:
+    # Every entry is kept: the stage field says where it lives. (Kept as a hook so a per-rank
+    # view can filter without re-planning.)
+    return lambda entry: True
+
+
+def _plan_stages(facts: ModelFacts, plan: ReplacementPlan, profile: Profile) -> None:
+    if plan.pp <= 1:
+        return
+    num_layers = facts.config.num_hidden_layers or 0
+    names = list(facts.pp_plan)
+    lists = list(facts.pp_module_lists)
+    if not names:
+        if profile.pp_without_plan != "infer":
+            plan.notes.append("no pp_plan: this vLLM refuses pipeline parallel for the model")
+            return
+        names, lists = _inferred_pp_names(facts)
+        plan.notes.append(
+            "no pp_plan: vLLM infers the split from the decoder's children in declaration order"
+        )
+    if len(lists) != 1:
+        plan.notes.append(
+            f"pipeline split impossible: {len(lists)} ModuleLists among the pp modules ({lists})"
+        )
+        return
+    plan.layers_module = lists[0]
+    plan.stages = stage_layout(
+        names, lists[0], num_layers, plan.pp, facts.config.tie_word_embeddings
+    )
+
+
+def _inferred_pp_names(facts: ModelFacts) -> tuple[list[str], list[str]]:
+    """Direct children of the base model that hold parameters, as vLLM 0.32 infers them."""
+    children: list[str] = []
+    lists: list[str] = []
+    for m in facts.modules:
+        name = m.qualname.removeprefix("model.")
+        top = name.split(".", 1)[0]
+        if top in children:
+            continue
+        holds = any(
+            x.qualname == f"model.{top}" or x.qualname.startswith(f"model.{top}.")
+            for x in facts.modules
+            if x.params
+        )
+        if holds:
+            children.append(top)
+    for m in facts.modules:
+        if m.kind == "module_list" and m.qualname.removeprefix("model.") in children:
+            lists.append(m.qualname.removeprefix("model."))
+    return children, lists
+
+
+def _inside(qualname: str, prefixes: list[str]) -> bool:
+    return any(qualname.startswith(p + ".") for p in prefixes)
+
+
+def _plan_linears(facts, plan, profile: Profile, stage_of, fused: set[str]) -> None:
+    experts = [m.qualname for m in facts.modules if m.kind == EXPERTS]
+    for m in facts.modules:
+        if m.qualname in fused or _inside(m.qualname, experts):
+            continue
+        if m.kind == CONV1D:
+            plan.entries.append(
+                PlanEntry(
+                    qualname=m.qualname,
+                    sources=[m.qualname],
+                    source_class=m.class_name,
+                    kind=K_UNCHANGED,
+                    target=m.class_name,
+                    reason="not an nn.Linear: the backend leaves it as HF code, full size on "
+                    "every rank",
+                    params=replicated_shards(m),
+                    stage=stage_of(m.qualname),
+                )
+            )
+            continue
+        if m.kind != LINEAR:
+            continue
+        key, style = (None, None)
+        if profile.honours_tp_plan:
+            key, style = match_tp_plan(facts.tp_plan, m.qualname)
+        if not profile.honours_tp_plan:
+            target, reason = "ReplicatedLinear", f"{profile.name} replicates every linear"
+        elif style is None:
+            target, reason = "ReplicatedLinear", "no tp_plan key matches: replicated"
+        elif style in profile.linear_styles:
+            target, reason = profile.linear_styles[style], f"tp_plan {style!r}"
+        else:
+            target = "ReplicatedLinear"
+            reason = f"style {style!r} unknown to the backend: silently replicated"
+        sharder = SHARDERS.get(target) if plan.tp > 1 else None
+        extra = {}
+        if style == "colwise_gather_output":
+            extra["gather_output"] = True
+        if style == "rowwise_split_input":
+            extra["input_is_parallel"] = False
+        plan.entries.append(
+            PlanEntry(
+                qualname=m.qualname,
+                sources=[m.qualname],
+                source_class=m.class_name,
+                kind=K_LINEAR,
+                target=target,
+                tp_style=style,
+                tp_key=key,
+                reason=reason,
+                params=sharder(m, plan.tp) if sharder else replicated_shards(m),
+                stage=stage_of(m.qualname),
+                extra=extra,
+            )
+        )
+
+
+def _vocab_sizes(facts: ModelFacts) -> set[int]:
+    sizes = {facts.config.vocab_size} if facts.config.vocab_size else set()
+    return sizes
+
+
+def _plan_embeddings(facts, plan, profile: Profile, stage_of) -> None:
+    sizes = _vocab_sizes(facts)
+    input_qualname = None
+    for m in facts.modules:
+        if m.kind != EMBEDDING:
+            continue
+        is_vocab = m.attrs.get("is_input") or (
+            profile.vocab_embeddings == "by_vocab_size" and m.attrs["num_embeddings"] in sizes
+        )
+        if not is_vocab:
+            continue
+        if m.attrs.get("is_input"):
+            input_qualname = m.qualname
+        vocab, dim = m.attrs["num_embeddings"], m.attrs["embedding_dim"]
+        padded = pad_vocab(vocab, profile.vocab_padding)
+        plan.entries.append(
+            PlanEntry(
+                qualname=m.qualname,
+                sources=[m.qualname],
+                source_class=m.class_name,
+                kind=K_EMBEDDING,
+                target="VocabParallelEmbedding",
+                reason="vocab embedding, split over the vocab",
+                params=[ParamShard("weight", [vocab, dim], [split(padded, plan.tp), dim], 0)],
+                stage=stage_of(m.qualname),
+                extra={
+                    "vocab_size": vocab,
+                    "padded_vocab": padded,
+                    "embed_scale": m.attrs.get("embed_scale"),
+                    "has_embed_scale": m.attrs.get("has_embed_scale", False),
+                },
+            )
+        )
+    vocab, hidden = facts.config.vocab_size, facts.config.hidden_size
+    if vocab and hidden:
+        padded = pad_vocab(vocab, profile.vocab_padding)
+        tied = facts.config.tie_word_embeddings
+        last = plan.pp - 1 if plan.pp > 1 and plan.stages else None
+        plan.entries.append(
+            PlanEntry(
+                qualname="lm_head",
+                sources=["lm_head"],
+                source_class="Linear",
+                kind=K_LM_HEAD,
+                target="ParallelLMHead",
+                reason="tied to the input embedding" if tied else "own weight",
+                params=[ParamShard("weight", [vocab, hidden], [split(padded, plan.tp), hidden], 0)],
+                stage=last,
+                extra={
+                    "tied": tied,
+                    "tied_to": input_qualname if tied else None,
+                    "padded_vocab": padded,
+                    "final_logit_softcapping": facts.config.final_logit_softcapping,
+                },
+            )
+        )
+
+
+def norm_target(m: ModuleFact, profile: Profile) -> tuple[str | None, str]:
+    """What the profile's backend turns this norm into, and why (None: left as HF code)."""
+    variant = m.attrs.get("variant")
+    if profile.norm_detection == "class_name":
+        if not m.attrs.get("rms_named"):
+            return None, "not named *RMSNorm"
+        return "RMSNorm", "named *RMSNorm"
+    if profile.norm_detection == "zero_init":
+        if not m.attrs.get("rms_named"):
+            return None, "not named *RMSNorm"
+        if m.attrs.get("zero_init"):
+            return "GemmaRMSNorm", "named *RMSNorm, weight initialised to zeros"
+        return "RMSNorm", "named *RMSNorm"
+    # structural: decided from what the norm computes
+    if variant == NORM_OFFSET:
+        return "GemmaRMSNorm", "computes x̂·(1+w)"
+    if variant in (NORM_PLAIN, NORM_NO_WEIGHT) and m.attrs.get("is_rms", True):
+        return "RMSNorm", "computes x̂·w" if variant == NORM_PLAIN else "computes x̂"
+    if variant == NORM_GATED:
+        return None, "gated norm forward(x, gate): left as HF code"
+    return None, "did not match the RMSNorm dataflow: left as HF code"
+
+
+def _plan_norms(facts, plan, profile: Profile, stage_of, fused: set[str]) -> None:
+    for m in facts.modules:
+        if m.qualname in fused:
+            continue
+        if m.kind == LAYERNORM:
+            if profile.replaces_layernorm and m.attrs.get("exact_layernorm") and m.attrs.get("bias"):
+                target, kind, reason = "LayerNorm", K_LAYERNORM, "plain nn.LayerNorm"
+            else:
+                continue
+        elif m.kind == NORM:
+            target, reason = norm_target(m, profile)
+            kind = K_NORM
+            if target is None:
+                if m.attrs.get("rms_named") or m.attrs.get("variant") == NORM_GATED:
+                    target, kind = m.class_name, K_UNCHANGED
+                else:
+                    continue
+        else:
+            continue
+        plan.entries.append(
+            PlanEntry(
+                qualname=m.qualname,
+                sources=[m.qualname],
+                source_class=m.class_name,
+                kind=kind,
+                target=target,
+                reason=reason,
+                params=replicated_shards(m),
+                stage=stage_of(m.qualname),
+                extra={"variant": m.attrs.get("variant"), "eps": m.attrs.get("eps")},
+            )
+        )
+
+
+def moe_activation(facts: ModelFacts) -> str:
+    arch = (facts.causal_lm_class or facts.model_class).lower()
+    if "gptoss" in arch:
+        return "swigluoai"
+    if "grok1" in arch:
+        return "gelu"
+    return "silu"
+
+
+def _plan_experts(facts, plan, profile: Profile, stage_of, fused: set[str]) -> None:
+    cfg = facts.config
+    moe = cfg.moe
+    hidden = cfg.hidden_size
+    inter = moe.intermediate_size
+    for m in facts.modules:
+        if m.kind != EXPERTS or m.qualname in fused:
+            continue
+        layout = m.attrs["layout"]
+        if layout not in profile.moe_layouts:
+            continue
+        parent = m.qualname.rsplit(".", 1)[0]
+        shared = moe.num_shared_experts > 0 or any(
+            "shared_expert" in x.qualname and x.qualname.startswith(parent + ".")
+            for x in facts.modules
+        )
+        experts = moe.num_experts or m.attrs.get("count")
+        per_rank = split(inter, plan.tp) if inter else None
+        params = []
+        if experts and inter and hidden:
+            params = [
+                ParamShard("w13_weight", [experts, 2 * inter, hidden], [experts, 2 * per_rank, hidden], 1),
+                ParamShard("w2_weight", [experts, hidden, inter], [experts, hidden, per_rank], 2),
+            ]
+        stage = stage_of(m.qualname)
+        plan.entries.append(
+            PlanEntry(
+                qualname=m.qualname,
+                sources=[m.qualname],
+                source_class=m.class_name,
+                kind=K_EXPERTS,
+                target="FusedMoE",
+                reason=f"experts ({layout}) fused, split on the intermediate dimension",
+                params=params,
+                stage=stage,
+            )
+        )
+        plan.moe.append(
+            MoESpec(
+                qualname=m.qualname,
+                layout=layout,
+                num_experts=experts,
+                top_k=moe.top_k,
+                hidden_size=hidden,
+                intermediate_size=inter,
+                intermediate_per_rank=per_rank,
+                activation=moe_activation(facts),
+                renormalize=moe.renormalize,
+                num_shared_experts=moe.num_shared_experts,
+                reduce_results=not shared,
+                has_bias=bool(m.attrs.get("has_bias")),
+                n_group=moe.n_group,
+                topk_group=moe.topk_group,
+                stage=stage,
+            )
+        )
+
+
+def _plan_attention(facts: ModelFacts, plan: ReplacementPlan, profile: Profile) -> None:
+    cfg = facts.config
+    n = cfg.num_hidden_layers or 0
+    by_layer: dict[int, ModuleFact] = {}
+    for m in facts.modules:
+        if m.kind == ATTENTION and m.attrs.get("interface"):
+            idx = m.attrs.get("layer_idx")
+            if isinstance(idx, int) and idx not in by_layer:
+                by_layer[idx] = m
+    encoder = facts.has_non_causal_module and not cfg.is_multimodal
+    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    tp = plan.tp
+    for i in range(n):
+        stage = 0
+        for st in plan.stages:
+            if st.layers[0] <= i < st.layers[1]:
+                stage = st.rank
+        m = by_layer.get(i)
+        sliding = None
+        if cfg.layer_types and i < len(cfg.layer_types):
+            if cfg.layer_types[i] == "sliding_attention":
+                sliding = cfg.sliding_window
+        plan.attention.append(
+            AttentionSpec(
+                layer_idx=i,
+                qualname=m.qualname if m else None,
+                attn_type="encoder_only" if encoder else "decoder",
+                num_heads=heads,
+                num_kv_heads=kv,
+                heads_per_rank=split(heads, tp) if heads else None,
+                kv_heads_per_rank=max(1, kv // tp) if kv else None,
+                kv_replicated=bool(kv and kv < tp),
+                head_size=cfg.head_dim,
+                sliding_window=sliding,
+                logits_soft_cap=cfg.attn_logit_softcapping,
+                scaling=m.attrs.get("scaling") if m else None,
+                sinks=bool(m and m.attrs.get("s_aux")),
+                stage=stage,
+            )
+        )

@@ -1,0 +1,130 @@
+"""Profiles: what the backend can do, as data, per vLLM version range.
+
+Rules and the planner read a profile instead of hard-coding one vLLM's behaviour, so a team on an
+older vendor fork gets the answer for the vLLM it actually runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from packaging.version import Version
+
+# style → (vLLM class, what changes about the shard)
+SEED_STYLES: dict[str, str] = {
+    "colwise": "ColumnParallelLinear",
+    "rowwise": "RowParallelLinear",
+    "replicate": "ReplicatedLinear",
+}
+V032_STYLES: dict[str, str] = {
+    **SEED_STYLES,
+    "colwise_gather_output": "ColumnParallelLinear",
+    "rowwise_split_input": "RowParallelLinear",
+}
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    vllm_min: str  # inclusive
+    vllm_max: str | None  # exclusive; None = open-ended
+    summary: str
+    linear_styles: dict[str, str]
+    honours_tp_plan: bool = True  # False: every linear is replicated whatever the plan says
+    missing_tp_plan: str = "error"  # what tp > 1 without a tp_plan is: "error" | "warning"
+    norm_detection: str = "zero_init"  # "class_name" | "zero_init" | "structural"
+    moe_layouts: tuple[str, ...] = ("module_list",)  # experts layouts it fuses
+    supports_pp: bool = True
+    pp_without_plan: str = "error"  # "error" | "infer"
+    attention_check: str = "supports_backend"  # "supports_backend" | "per_layer_interface"
+    vocab_embeddings: str = "input"  # "input" | "by_vocab_size"
+    replaces_layernorm: bool = False
+    fuses: bool = False  # q/k/v, gate/up, ... fused (vLLM's fuser)
+    vocab_padding: int = 64
+    refused_quant: tuple[str, ...] = ("mxfp4",)
+    plugin_quant: tuple[str, ...] = ()
+    min_transformers: dict[str, str] = field(default_factory=dict)
+
+
+PROFILES: dict[str, Profile] = {
+    p.name: p
+    for p in (
+        Profile(
+            name="vllm-0.6",
+            vllm_min="0.6.0",
+            vllm_max="0.7.0",
+            summary="the vendor port of the backend to vLLM 0.6.2: every linear replicated, "
+            "no MoE, no pipeline parallel",
+            linear_styles={"replicate": "ReplicatedLinear"},
+            honours_tp_plan=False,
+            norm_detection="class_name",
+            moe_layouts=(),
+            supports_pp=False,
+            refused_quant=(),
+            min_transformers={"base": "4.45.0"},
+        ),
+        Profile(
+            name="vllm-0.11",
+            vllm_min="0.7.0",
+            vllm_max="0.32.0",
+            summary="per-linear replacement from the model's tp_plan (seed base.py and "
+            "transformers_moe.py): no fusion, tp_plan required for tp > 1",
+            linear_styles=SEED_STYLES,
+            missing_tp_plan="error",
+            norm_detection="zero_init",
+            moe_layouts=("module_list",),
+            refused_quant=("mxfp4",),
+            min_transformers={"base": "4.52.0", "moe": "4.57.0.dev0", "encoder": "4.57.0.dev0"},
+        ),
+        Profile(
+            name="vllm-0.32",
+            vllm_min="0.32.0",
+            vllm_max=None,
+            summary="fuser era: q/k/v, gate/up and MoE fused from an FX trace, RMSNorms found "
+            "by their dataflow, tp_plan consulted for the rest",
+            linear_styles=V032_STYLES,
+            missing_tp_plan="warning",
+            norm_detection="structural",
+            moe_layouts=("module_list", "fused_3d"),
+            pp_without_plan="infer",
+            attention_check="per_layer_interface",
+            vocab_embeddings="by_vocab_size",
+            replaces_layernorm=True,
+            fuses=True,
+            refused_quant=("mxfp4", "gpt_oss_mxfp4"),
+            plugin_quant=("bitsandbytes", "gguf"),
+            min_transformers={"base": "5.0.0", "moe": "5.0.0", "encoder": "5.0.0"},
+        ),
+    )
+}
+
+NEWEST = "vllm-0.32"
+
+
+def profile_for_version(version: str) -> Profile:
+    v = Version(version)
+    for profile in PROFILES.values():
+        low = Version(profile.vllm_min)
+        high = Version(profile.vllm_max) if profile.vllm_max else None
+        if v >= low and (high is None or v < high):
+            return profile
+    return PROFILES[NEWEST] if v >= Version(PROFILES[NEWEST].vllm_min) else PROFILES["vllm-0.6"]
+
+
+def select_profile(requested: str | None, installed_vllm: str | None) -> Profile:
+    """`--vllm-version X.Y` or a profile name; else the installed vLLM's; else the newest."""
+    if requested:
+        if requested in PROFILES:
+            return PROFILES[requested]
+        try:
+            return profile_for_version(requested)
+        except Exception as exc:  # packaging.version.InvalidVersion
+            from tfbackend.errors import UserError
+
+            raise UserError(
+                f"unknown vLLM version or profile {requested!r}: use X.Y or one of "
+                f"{', '.join(PROFILES)}"
+            ) from exc
+    if installed_vllm:
+        return profile_for_version(installed_vllm)
+    return PROFILES[NEWEST]
