@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from typing import Optional
 
 import typer
 
@@ -23,8 +22,8 @@ def check(
     model: str = typer.Argument(..., help="Hub id (org/name), a local folder, or a config.json."),
     tp: int = typer.Option(1, "--tp", help="Tensor parallel size to check."),
     pp: int = typer.Option(1, "--pp", help="Pipeline parallel size to check."),
-    revision: Optional[str] = typer.Option(None, "--revision", help="Hub branch, tag or commit."),
-    token: Optional[str] = typer.Option(
+    revision: str | None = typer.Option(None, "--revision", help="Hub branch, tag or commit."),
+    token: str | None = typer.Option(
         None, "--token", envvar="HF_TOKEN", help="Hub token for gated or private repos."
     ),
     offline: bool = typer.Option(
@@ -33,17 +32,26 @@ def check(
     trust_remote_code: bool = typer.Option(
         False, "--trust-remote-code", help="Allow running the repo's own modelling code."
     ),
-    vllm_version: Optional[str] = typer.Option(
-        None, "--vllm-version", help="Check against this vLLM version or profile (default: installed, else newest)."
+    vllm_version: str | None = typer.Option(
+        None,
+        "--vllm-version",
+        help="Check against this vLLM version or profile (default: installed, else newest).",
     ),
-    select: Optional[list[str]] = typer.Option(None, "--select", help="Only these rule ids or prefixes."),
-    ignore: Optional[list[str]] = typer.Option(None, "--ignore", help="Skip these rule ids or prefixes."),
+    select: list[str] | None = typer.Option(
+        None, "--select", help="Only these rule ids or prefixes."
+    ),
+    ignore: list[str] | None = typer.Option(
+        None, "--ignore", help="Skip these rule ids or prefixes."
+    ),
     strict: bool = typer.Option(False, "--strict", help="Warnings fail the check too."),
-    json_out: bool = typer.Option(False, "--json", help="Print the JSON report only (schema in docs/json-schema.md)."),
+    json_out: bool = typer.Option(
+        False, "--json", help="Print the JSON report only (schema in docs/json-schema.md)."
+    ),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Predict what vLLM's Transformers backend will build for MODEL, and whether it will work."""
-    from tfbackend.check import CheckOptions, check as run_check
+    from tfbackend.check import CheckOptions
+    from tfbackend.check import check as run_check
 
     with user_errors(debug):
         report = run_check(

@@ -35,7 +35,11 @@ def facts_from_config(config, source: SourceInfo, *, trust_remote_code: bool = F
 
     text = config.get_text_config()
     # The backend builds the whole model; for a multimodal config we check its language model.
-    model = build_on_meta(text if text is not config else config, trust_remote_code=trust_remote_code)
+    model = build_on_meta(
+        text if text is not config else config,
+        trust_remote_code=trust_remote_code,
+        causal_lm_class=causal_lm_class_name(config),
+    )
     with quiet():
         facts = walk(model, config, text, source)
     facts.causal_lm_class = causal_lm_class_name(config)

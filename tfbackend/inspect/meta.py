@@ -39,26 +39,44 @@ def causal_lm_class_name(config: Any) -> str | None:
     return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(config, "model_type", ""))
 
 
-def build_on_meta(config: Any, *, trust_remote_code: bool = False) -> Any:
+def _named_class(name: str | None):
+    import transformers
+
+    def build(config, trust_remote_code=False):
+        cls = getattr(transformers, name or "", None)
+        if cls is None:
+            raise ValueError(f"transformers has no class {name!r}")
+        return cls._from_config(config)
+
+    return build
+
+
+def build_on_meta(
+    config: Any, *, trust_remote_code: bool = False, causal_lm_class: str | None = None
+) -> Any:
     """`AutoModel.from_config` on meta, the base model the backend wraps.
 
-    A config with no base-model mapping falls back to the causal-LM class's base model.
+    A config with no base-model mapping falls back to the causal-LM class's base model: first
+    through the auto mapping, then by the class the outer (e.g. multimodal) config names.
     """
     import torch
     from transformers import AutoModel, AutoModelForCausalLM
 
     errors = []
+    factories = [AutoModel.from_config, AutoModelForCausalLM.from_config]
+    if causal_lm_class:
+        factories.append(_named_class(causal_lm_class))
     with quiet(), torch.device("meta"):
-        for factory in (AutoModel, AutoModelForCausalLM):
+        for i, factory in enumerate(factories):
             try:
-                model = factory.from_config(config, trust_remote_code=trust_remote_code)
+                model = factory(config, trust_remote_code=trust_remote_code)
             except Exception as exc:  # noqa: BLE001 - any failure here is the model's, reported
                 errors.append(exc)
                 continue
-            if factory is AutoModelForCausalLM:
+            if i > 0:
                 model = getattr(model, "base_model", model)
             return model
-    exc = errors[-1]
+    exc = errors[0]
     msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     raise ConfigError(
         f"transformers could not build {getattr(config, 'model_type', '?')!r} from its config "

@@ -18,8 +18,10 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
 def _looks_like_path(model: str) -> bool:
-    return model.startswith((".", "/", "~")) or os.sep in model.strip("/").split("/", 1)[0] or (
-        model.count("/") > 1
+    return (
+        model.startswith((".", "/", "~"))
+        or os.sep in model.strip("/").split("/", 1)[0]
+        or (model.count("/") > 1)
     )
 
 
@@ -84,13 +86,13 @@ def _resolve_hub(
         ) from exc
     except hf_errors.RevisionNotFoundError as exc:
         raise SourceError(f"revision {revision!r} not found in {repo_id}") from exc
-    except hf_errors.EntryNotFoundError as exc:
-        raise SourceError(f"{repo_id} has no {CONFIG_NAME} at that revision") from exc
     except hf_errors.LocalEntryNotFoundError as exc:
         raise SourceError(
             f"{repo_id} is not in the local cache and the hub cannot be reached (offline or no "
             "network): connect, or download it first with `hf download`"
         ) from exc
+    except hf_errors.EntryNotFoundError as exc:
+        raise SourceError(f"{repo_id} has no {CONFIG_NAME} at that revision") from exc
     except (hf_errors.OfflineModeIsEnabled, OSError) as exc:
         raise SourceError(
             f"cannot reach the hub for {repo_id} ({type(exc).__name__}): check the network or "

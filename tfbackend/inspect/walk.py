@@ -33,9 +33,17 @@ MOE_INTERMEDIATE = ("moe_intermediate_size", "intermediate_size")
 SHARED_EXPERTS = ("num_experts_shared", "n_shared_experts", "moe_num_shared_experts")
 
 
+def get(obj: Any, name: str, default: Any = None) -> Any:
+    """getattr that survives configs whose properties raise (per-layer attributes, etc.)."""
+    try:
+        return getattr(obj, name, default)
+    except Exception:  # noqa: BLE001 - e.g. transformers' AmbiguousGlobalPerLayerAttributeError
+        return default
+
+
 def first_attr(obj: Any, names: tuple[str, ...], default: Any = None) -> tuple[Any, str | None]:
     for name in names:
-        value = getattr(obj, name, None)
+        value = get(obj, name)
         if value is not None:
             return value, name
     return default, None
@@ -52,10 +60,10 @@ def _int(value: Any) -> int | None:
 
 
 def config_facts(config: Any, text: Any) -> ConfigFacts:
-    heads = _int(getattr(text, "num_attention_heads", None))
-    hidden = _int(getattr(text, "hidden_size", None))
-    kv = _int(getattr(text, "num_key_value_heads", None)) or heads
-    head_dim = _int(getattr(text, "head_dim", None))
+    heads = _int(get(text, "num_attention_heads", None))
+    hidden = _int(get(text, "hidden_size", None))
+    kv = _int(get(text, "num_key_value_heads", None)) or heads
+    head_dim = _int(get(text, "head_dim", None))
     if head_dim is None and hidden and heads:
         head_dim = hidden // heads
     num_experts, experts_attr = first_attr(text, NUM_EXPERTS)
@@ -63,39 +71,35 @@ def config_facts(config: Any, text: Any) -> ConfigFacts:
     moe_inter, _ = first_attr(text, MOE_INTERMEDIATE)
     shared, _ = first_attr(text, SHARED_EXPERTS, 0)
     num_experts, top_k = _int(num_experts), _int(top_k)
-    renorm = getattr(text, "norm_topk_prob", None)
+    renorm = get(text, "norm_topk_prob", None)
     if renorm is None and top_k is not None:
         renorm = top_k > 1
-    quant = getattr(config, "quantization_config", None) or getattr(
-        text, "quantization_config", None
-    )
+    quant = get(config, "quantization_config") or get(text, "quantization_config")
     if quant is not None and not isinstance(quant, dict):
         quant = quant.to_dict() if hasattr(quant, "to_dict") else dict(vars(quant))
-    dtype = getattr(text, "dtype", None) or getattr(config, "dtype", None)
-    layer_types = getattr(text, "layer_types", None)
-    tie = bool(
-        getattr(text, "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False)
-    )
+    dtype = get(text, "dtype", None) or get(config, "dtype", None)
+    layer_types = get(text, "layer_types", None)
+    tie = bool(get(text, "tie_word_embeddings", False) or get(config, "tie_word_embeddings", False))
     return ConfigFacts(
-        model_type=getattr(config, "model_type", "") or "",
-        architectures=list(getattr(config, "architectures", None) or []),
+        model_type=get(config, "model_type", "") or "",
+        architectures=list(get(config, "architectures", None) or []),
         hidden_size=hidden,
-        num_hidden_layers=_int(getattr(text, "num_hidden_layers", None)),
+        num_hidden_layers=_int(get(text, "num_hidden_layers", None)),
         num_attention_heads=heads,
         num_key_value_heads=kv,
         head_dim=head_dim,
-        intermediate_size=_int(getattr(text, "intermediate_size", None)),
-        vocab_size=_int(getattr(text, "vocab_size", None)),
-        embedding_size=_int(getattr(text, "embedding_size", None)),
+        intermediate_size=_int(get(text, "intermediate_size", None)),
+        vocab_size=_int(get(text, "vocab_size", None)),
+        embedding_size=_int(get(text, "embedding_size", None)),
         tie_word_embeddings=tie,
-        max_position_embeddings=_int(getattr(text, "max_position_embeddings", None)),
-        sliding_window=_int(getattr(text, "sliding_window", None)),
+        max_position_embeddings=_int(get(text, "max_position_embeddings", None)),
+        sliding_window=_int(get(text, "sliding_window", None)),
         layer_types=list(layer_types) if isinstance(layer_types, (list, tuple)) else None,
-        attn_logit_softcapping=getattr(text, "attn_logit_softcapping", None),
-        final_logit_softcapping=getattr(text, "final_logit_softcapping", None),
+        attn_logit_softcapping=get(text, "attn_logit_softcapping", None),
+        final_logit_softcapping=get(text, "final_logit_softcapping", None),
         dtype=str(dtype).replace("torch.", "") if dtype is not None else None,
         quantization=quant,
-        kv_lora_rank=_int(getattr(text, "kv_lora_rank", None)),
+        kv_lora_rank=_int(get(text, "kv_lora_rank", None)),
         is_multimodal=config is not text,
         moe=MoEConfig(
             num_experts=num_experts,
@@ -105,8 +109,8 @@ def config_facts(config: Any, text: Any) -> ConfigFacts:
             intermediate_size=_int(moe_inter),
             num_shared_experts=_int(shared) or 0,
             renormalize=bool(renorm) if renorm is not None else None,
-            n_group=_int(getattr(text, "n_group", None)),
-            topk_group=_int(getattr(text, "topk_group", None)),
+            n_group=_int(get(text, "n_group", None)),
+            topk_group=_int(get(text, "topk_group", None)),
         ),
     )
 
@@ -159,7 +163,10 @@ def walk(model: Any, config: Any, text: Any, source: SourceInfo) -> ModelFacts:
     except ImportError:  # pragma: no cover - every transformers 5 has it
         Conv1D = ()  # noqa: N806
 
-    input_embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    try:
+        input_embedding = model.get_input_embeddings()
+    except Exception:  # noqa: BLE001 - some wrappers raise NotImplementedError here
+        input_embedding = None
     modules: list[ModuleFact] = []
     norm_cache: dict[tuple, tuple[str, bool, bool | None]] = {}
     experts_prefixes: list[str] = []

@@ -39,6 +39,8 @@ def stage_layout(
         missing = [n for n in before if not keep_before] + [n for n in after if not last]
         start, end = get_pp_indices(num_layers, rank, pp)
         stages.append(
-            StageSpec(rank=rank, layers=[start, end], modules=kept, missing=missing, has_lm_head=last)
+            StageSpec(
+                rank=rank, layers=[start, end], modules=kept, missing=missing, has_lm_head=last
+            )
         )
     return stages

@@ -344,7 +344,11 @@ def _plan_norms(facts, plan, profile: Profile, stage_of, fused: set[str]) -> Non
         if m.qualname in fused:
             continue
         if m.kind == LAYERNORM:
-            if profile.replaces_layernorm and m.attrs.get("exact_layernorm") and m.attrs.get("bias"):
+            if (
+                profile.replaces_layernorm
+                and m.attrs.get("exact_layernorm")
+                and m.attrs.get("bias")
+            ):
                 target, kind, reason = "LayerNorm", K_LAYERNORM, "plain nn.LayerNorm"
             else:
                 continue
@@ -403,7 +407,9 @@ def _plan_experts(facts, plan, profile: Profile, stage_of, fused: set[str]) -> N
         params = []
         if experts and inter and hidden:
             params = [
-                ParamShard("w13_weight", [experts, 2 * inter, hidden], [experts, 2 * per_rank, hidden], 1),
+                ParamShard(
+                    "w13_weight", [experts, 2 * inter, hidden], [experts, 2 * per_rank, hidden], 1
+                ),
                 ParamShard("w2_weight", [experts, hidden, inter], [experts, hidden, per_rank], 2),
             ]
         stage = stage_of(m.qualname)

@@ -64,7 +64,9 @@ def summary_table(report: CheckReport) -> Table:
             )
         )
     if s.sliding_window:
-        rows.append(("sliding window", _num(s.sliding_window), "sliding layers", str(s.sliding_layers)))
+        rows.append(
+            ("sliding window", _num(s.sliding_window), "sliding layers", str(s.sliding_layers))
+        )
     for row in rows:
         t.add_row(*row)
     return t
@@ -105,7 +107,16 @@ def attention_table(report: CheckReport) -> Table | None:
     if not specs:
         return None
     t = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
-    for col in ("layers", "type", "heads/rank", "kv/rank", "head size", "window", "soft-cap", "stage"):
+    for col in (
+        "layers",
+        "type",
+        "heads/rank",
+        "kv/rank",
+        "head size",
+        "window",
+        "soft-cap",
+        "stage",
+    ):
         t.add_column(col)
     groups: list[list] = []
     for a in specs:
@@ -150,13 +161,30 @@ def moe_table(report: CheckReport) -> Table | None:
     for m in report.plan.moe:
         from tfbackend.replace.grouping import pattern_of
 
-        key = (pattern_of(m.qualname), m.layout, m.num_experts, m.top_k, m.intermediate_per_rank,
-               m.activation, m.num_shared_experts, m.has_bias)
+        key = (
+            pattern_of(m.qualname),
+            m.layout,
+            m.num_experts,
+            m.top_k,
+            m.intermediate_per_rank,
+            m.activation,
+            m.num_shared_experts,
+            m.has_bias,
+        )
         seen.setdefault(key, [0])[0] += 1
     for key, (count,) in seen.items():
         pat, layout, e, k, ipr, act, shared, bias = key
-        t.add_row(pat, str(count), layout, _num(e), _num(k), _num(ipr), act, str(shared),
-                  "yes" if bias else "no")
+        t.add_row(
+            pat,
+            str(count),
+            layout,
+            _num(e),
+            _num(k),
+            _num(ipr),
+            act,
+            str(shared),
+            "yes" if bias else "no",
+        )
     return t
 
 
@@ -188,13 +216,17 @@ def findings_table(report: CheckReport) -> Table | Text:
     t.add_column("finding", overflow="fold", ratio=3)
     t.add_column("fix", overflow="fold", ratio=2)
     for f in report.findings:
-        t.add_row(f.rule_id, Text(f.severity.value, style=SEVERITY_STYLE[f.severity]), f.message, f.fix)
+        t.add_row(
+            f.rule_id, Text(f.severity.value, style=SEVERITY_STYLE[f.severity]), f.message, f.fix
+        )
     return t
 
 
 def render_check(report: CheckReport, console: Console) -> None:
     s = report.summary
-    title = f"tfbackend check · {s.source} · tp={report.tp} pp={report.pp} · profile {report.profile}"
+    title = (
+        f"tfbackend check · {s.source} · tp={report.tp} pp={report.pp} · profile {report.profile}"
+    )
     console.print(Panel(summary_table(report), title=title, title_align="left", box=box.ROUNDED))
     console.rule("replacement plan", align="left")
     console.print(plan_lines(report))

@@ -34,12 +34,20 @@ def attention_interface(ctx, r):
         idx = [a.layer_idx for a in stage_layers]
         shown = ", ".join(str(i) for i in idx[:8]) + (" …" if len(idx) > 8 else "")
         others = sorted(
-            {m.class_name for m in facts.modules if m.kind == "attention" and not m.attrs["interface"]}
+            {
+                m.class_name
+                for m in facts.modules
+                if m.kind == "attention" and not m.attrs["interface"]
+            }
         )
         yield r.finding(
             f"{len(idx)} of {len(ctx.plan.attention)} layers have no module calling "
             f"ALL_ATTENTION_FUNCTIONS (layers {shown})"
             + (f"; attention computed by {', '.join(others)}" if others else ""),
-            modules=[m.qualname for m in facts.modules if m.kind == "attention" and not m.attrs["interface"]][:16],
+            modules=[
+                m.qualname
+                for m in facts.modules
+                if m.kind == "attention" and not m.attrs["interface"]
+            ][:16],
             layers=idx,
         )

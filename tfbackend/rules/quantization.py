@@ -8,12 +8,44 @@ from tfbackend.rules.registry import rule
 # vLLM's QUANTIZATION_METHODS (0.32), for when vLLM is not installed to ask.
 KNOWN_METHODS = frozenset(
     {
-        "awq", "awq_marlin", "bitblas", "bitsandbytes", "compressed-tensors", "compressed_tensors",
-        "deepspeedfp", "experts_int8", "fbgemm_fp8", "fp8", "fp_quant", "gguf", "gptq",
-        "gptq_bitblas", "gptq_marlin", "gptq_marlin_24", "hqq", "inc", "ipex", "marlin",
-        "modelopt", "modelopt_fp4", "moe_wna16", "mxfp4", "gpt_oss_mxfp4", "petit_nvfp4",
-        "ptpc_fp8", "quark", "rtn", "torchao", "tpu_int8", "auto-round", "auto_round",
-        "awq_triton", "bitnet", "mxfp8", "petit", "fp8_pb_wo",
+        "awq",
+        "awq_marlin",
+        "bitblas",
+        "bitsandbytes",
+        "compressed-tensors",
+        "compressed_tensors",
+        "deepspeedfp",
+        "experts_int8",
+        "fbgemm_fp8",
+        "fp8",
+        "fp_quant",
+        "gguf",
+        "gptq",
+        "gptq_bitblas",
+        "gptq_marlin",
+        "gptq_marlin_24",
+        "hqq",
+        "inc",
+        "ipex",
+        "marlin",
+        "modelopt",
+        "modelopt_fp4",
+        "moe_wna16",
+        "mxfp4",
+        "gpt_oss_mxfp4",
+        "petit_nvfp4",
+        "ptpc_fp8",
+        "quark",
+        "rtn",
+        "torchao",
+        "tpu_int8",
+        "auto-round",
+        "auto_round",
+        "awq_triton",
+        "bitnet",
+        "mxfp8",
+        "petit",
+        "fp8_pb_wo",
     }
 )
 
@@ -59,4 +91,3 @@ def unknown_quant(ctx, r):
     known = KNOWN_METHODS
     if method not in known:
         yield r.finding(f"quant_method {method!r} is not a vLLM quantization method", method=method)
-

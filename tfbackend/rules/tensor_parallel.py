@@ -62,7 +62,11 @@ def unknown_style(ctx, r):
         return
     by_style: dict[str, list] = {}
     for e in ctx.plan.entries_of(K_LINEAR):
-        if e.tp_style and e.tp_style not in ctx.profile.linear_styles and ctx.profile.honours_tp_plan:
+        if (
+            e.tp_style
+            and e.tp_style not in ctx.profile.linear_styles
+            and ctx.profile.honours_tp_plan
+        ):
             by_style.setdefault(e.tp_style, []).append(e)
     bpp = _bytes_per_param(ctx)
     for style, entries in sorted(by_style.items()):
