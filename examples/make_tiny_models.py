@@ -30,7 +30,7 @@ def tiny_llama(out: Path) -> None:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim == 2:
                 p.normal_(0.0, 0.15)
     model.save_pretrained(out, safe_serialization=True)
