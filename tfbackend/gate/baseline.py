@@ -5,7 +5,9 @@ What got worse is a regression; what was already there is known. Models are matc
 - verdict: the model's verdict is worse than in the baseline (PASS → PASS WITH WARNINGS → FAIL);
 - finding: an error finding whose rule id the baseline did not have for this model at this tp/pp;
 - run: a run that passed in the baseline now fails;
-- metric: a parity metric moved in its bad direction by more than max(abs_tol, rel_tol × |old|).
+- metric: a parity metric moved in its bad direction beyond tolerance: an error size (KL, |Δlogit|)
+  grew by more than max(abs_tol, rel_tol × |old|); a rate (top-1 agreement, top-k containment) fell
+  by more than rate_tol, absolute (rates live in [0, 1], where 10% relative is a lot).
 A model the baseline does not have is new: its expectation gates it; nothing in it is a regression.
 """
 
@@ -22,6 +24,7 @@ from tfbackend.report.findings import Verdict
 
 REL_TOL = 0.25  # parity metrics of random-weight tiny models wobble run to run; judge big moves
 ABS_TOL = 1e-4
+RATE_TOL = 0.02  # e.g. one position in 50 losing its top-1 agreement
 # metrics where a larger value is better; every other metric (KL, |Δlogit|, …) is better smaller
 _HIGHER_IS_BETTER = ("agree", "contain", "match", "accuracy", "top1", "top_1")
 
@@ -130,17 +133,14 @@ def _compare(result: GateResult, old: BaselineModel, rel_tol: float, abs_tol: fl
             before = old.metrics.get(key, {}).get(metric)
             if before is None:
                 continue
-            worse = value - before if not _higher_is_better(metric) else before - value
-            if worse > max(abs_tol, rel_tol * abs(before)):
-                result.regressions.append(
-                    Change(
-                        "metric",
-                        name,
-                        f"{metric} {before:.3g} → {value:.3g} (tolerance {rel_tol:.0%} or {abs_tol:g})",
-                        run.tp,
-                        run.pp,
-                    )
-                )
+            if _higher_is_better(metric):
+                worse, allowed, tol = before - value, RATE_TOL, f"{RATE_TOL:g} absolute"
+            else:
+                worse, allowed = value - before, max(abs_tol, rel_tol * abs(before))
+                tol = f"{rel_tol:.0%} or {abs_tol:g}"
+            if worse > allowed:
+                message = f"{metric} {before:.3g} → {value:.3g} (tolerance {tol})"
+                result.regressions.append(Change("metric", name, message, run.tp, run.pp))
 
 
 def _higher_is_better(metric: str) -> bool:
