@@ -16,8 +16,13 @@ def make_models(root: Path) -> dict[str, Path]:
     LlamaConfig(**SMALL, num_attention_heads=4, num_key_value_heads=2).save_pretrained(llama)
     gpt2 = root / "tiny-gpt2"
     GPT2Config(
-        n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=128,
-        bos_token_id=0, eos_token_id=0,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        vocab_size=256,
+        n_positions=128,
+        bos_token_id=0,
+        eos_token_id=0,
     ).save_pretrained(gpt2)
     mxfp4 = root / "tiny-mxfp4"
     cfg = LlamaConfig(**SMALL, num_attention_heads=4, num_key_value_heads=2)

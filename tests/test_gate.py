@@ -96,7 +96,9 @@ def test_markdown_summary_names_every_model_and_the_miss(cli_run):
 
 
 def test_gate_verdict_is_exactly_what_check_says(models):
-    report = gate(models, '[[models]]\nid = "tiny-gpt2"\ntp = [1, 2]\nexpected = "pass-with-warnings"\n')
+    report = gate(
+        models, '[[models]]\nid = "tiny-gpt2"\ntp = [1, 2]\nexpected = "pass-with-warnings"\n'
+    )
     for outcome in report.results[0].checks:
         alone = check(str(models / "tiny-gpt2"), CheckOptions(tp=outcome.tp))
         assert outcome.report.to_dict() == alone.to_dict()
@@ -116,7 +118,9 @@ def test_all_expectations_met_exits_0(models):
 
 
 def test_strict_turns_warnings_into_a_fail(models):
-    report = gate(models, '[[models]]\nid = "tiny-gpt2"\ntp = 2\nstrict = true\nexpected = "fail"\n')
+    report = gate(
+        models, '[[models]]\nid = "tiny-gpt2"\ntp = 2\nstrict = true\nexpected = "fail"\n'
+    )
     assert report.results[0].verdict is Verdict.FAIL and report.exit_code == 0
 
 
@@ -219,11 +223,19 @@ def test_parity_metrics_that_moved_beyond_tolerance_are_regressions(models, tmp_
 def test_gate_cli_with_baseline_reports_no_regressions_for_the_same_models(models, tmp_path):
     runner = CliRunner()
     first = runner.invoke(
-        app, ["gate", str(models / "models.toml"), "--no-progress", "--json", str(tmp_path / "b.json")]
+        app,
+        ["gate", str(models / "models.toml"), "--no-progress", "--json", str(tmp_path / "b.json")],
     )
     assert first.exit_code == 1
     again = runner.invoke(
-        app, ["gate", str(models / "models.toml"), "--no-progress", "--baseline", str(tmp_path / "b.json")]
+        app,
+        [
+            "gate",
+            str(models / "models.toml"),
+            "--no-progress",
+            "--baseline",
+            str(tmp_path / "b.json"),
+        ],
     )
     assert again.exit_code == 1
     assert "No regressions vs" in again.stdout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -95,7 +96,9 @@ def test_bad_tp_values_are_rejected(tmp_path, value):
 
 
 def test_bad_pp_in_defaults_is_reported_on_the_model_that_uses_it(tmp_path):
-    message = error_of(write(tmp_path, '[defaults]\npp = 0\n\n[[models]]\nid = "a"\nexpected = "pass"\n'))
+    message = error_of(
+        write(tmp_path, '[defaults]\npp = 0\n\n[[models]]\nid = "a"\nexpected = "pass"\n')
+    )
     assert "(id 'a')" in message and "key 'pp'" in message
 
 
@@ -113,7 +116,7 @@ def test_bad_values_name_their_key(tmp_path, extra, words):
 
 
 def test_structure_errors(tmp_path):
-    assert "no models" in error_of(write(tmp_path, '[defaults]\ntp = 1\n'))
+    assert "no models" in error_of(write(tmp_path, "[defaults]\ntp = 1\n"))
     assert "unknown top-level key 'model'" in error_of(write(tmp_path, '[[model]]\nid = "a"\n'))
     assert "invalid TOML" in error_of(write(tmp_path, "[[models]\n"))
     dup = '[[models]]\nid = "a"\nexpected = "pass"\n' * 2
@@ -148,3 +151,53 @@ def test_gate_cli_exits_2_on_a_bad_manifest_with_one_line(tmp_path):
     assert result.stderr.strip().startswith(f"error: {path}:4: models[1] (id 'a') key 'tp'")
     assert len(result.stderr.strip().splitlines()) == 1
     assert result.stdout == ""
+
+
+def test_only_keeps_the_named_models_and_rejects_unknown_names(tmp_path):
+    from tfbackend.gate.manifest import select_models
+
+    text = (
+        '[[models]]\nid = "org/a"\nexpected = "pass"\n[[models]]\nid = "org/b"\nrevision = "v2"\n'
+    )
+    loaded = load_manifest(write(tmp_path, text + 'expected = "fail"\n'))
+    assert [m.name for m in select_models(loaded, ["org/b@v2"]).models] == ["org/b@v2"]
+    assert [m.name for m in select_models(loaded, ["org/b"]).models] == ["org/b@v2"]  # by id too
+    with pytest.raises(ManifestError, match="no model named 'org/c'"):
+        select_models(loaded, ["org/c"])
+
+
+def test_changed_models_script_names_new_edited_and_touched_models(tmp_path):
+    """examples/github-actions/changed_models.py, on a real git history."""
+    script = ROOT / "examples" / "github-actions" / "changed_models.py"
+    (tmp_path / "models" / "local").mkdir(parents=True)
+    (tmp_path / "models" / "local" / "config.json").write_text("{}")
+    entries = {
+        "a": '[[models]]\nid = "org/a"\nexpected = "pass"\n',
+        "b": '[[models]]\nid = "org/b"\nexpected = "pass"\n',
+        "local": '[[models]]\nid = "models/local"\nexpected = "pass"\n',
+    }
+    (tmp_path / "models.toml").write_text("".join(entries.values()))
+
+    def sh(*args):
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "GIT_AUTHOR_NAME": "t",
+            "GIT_AUTHOR_EMAIL": "t@t",
+            "GIT_COMMITTER_NAME": "t",
+            "GIT_COMMITTER_EMAIL": "t@t",
+        }
+        return subprocess.run(
+            args, cwd=tmp_path, env=env, capture_output=True, text=True, check=True
+        )
+
+    sh("git", "init", "-q", "-b", "main")
+    sh("git", "add", "-A")
+    sh("git", "commit", "-qm", "base")
+    entries["b"] = entries["b"].replace('"pass"', '"fail"') + "# comment only changes nothing\n"
+    entries["new"] = '[[models]]\nid = "org/new"\nexpected = "pass"\n'
+    (tmp_path / "models.toml").write_text("".join(entries.values()))
+    (tmp_path / "models" / "local" / "config.json").write_text('{"x": 1}')
+    sh("git", "commit", "-qam", "change")
+    out = sh(sys.executable, str(script), "HEAD~1", "models.toml").stdout.split()
+    assert out == ["org/b", "models/local", "org/new"]

@@ -109,7 +109,9 @@ def test_an_expected_failure_is_skipped_as_xfail_not_red(models):
 
 
 def test_a_warning_is_a_passing_case_with_its_message_in_system_out(models):
-    root = gate_xml(models, '[[models]]\nid = "tiny-gpt2"\ntp = 2\nexpected = "pass-with-warnings"\n')
+    root = gate_xml(
+        models, '[[models]]\nid = "tiny-gpt2"\ntp = 2\nexpected = "pass-with-warnings"\n'
+    )
     case = suite_of(root, "tiny-gpt2")["TFB201 No tp_plan with tp > 1 [tp=2 pp=1]"]
     assert [child.tag for child in case] == ["system-out"]
     assert case.find("system-out").text.startswith("warning: GPT2Model has no tp_plan")
@@ -155,11 +157,15 @@ def test_check_writes_junit_markdown_and_json_file_and_keeps_json_on_stdout(mode
     assert "❌ FAIL" in md and "| TFB601 | ❌ error |" in md
 
 
-def test_markdown_for_github_step_summary_is_appended_not_overwritten(models, tmp_path, monkeypatch):
+def test_markdown_for_github_step_summary_is_appended_not_overwritten(
+    models, tmp_path, monkeypatch
+):
     summary = tmp_path / "step_summary.md"
     summary.write_text("earlier step\n")
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
-    result = CliRunner().invoke(app, ["check", str(models / "tiny-llama"), "--markdown", str(summary)])
+    result = CliRunner().invoke(
+        app, ["check", str(models / "tiny-llama"), "--markdown", str(summary)]
+    )
     assert result.exit_code == 0
     text = summary.read_text()
     assert text.startswith("earlier step\n## tfbackend check:") and "✅ PASS" in text

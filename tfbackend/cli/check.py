@@ -45,7 +45,9 @@ def check(
     ),
     junit: Optional[str] = typer.Option(None, "--junit", help="Also write JUnit XML to this file."),
     markdown: Optional[str] = typer.Option(
-        None, "--markdown", help="Also write a Markdown summary to this file ($GITHUB_STEP_SUMMARY)."
+        None,
+        "--markdown",
+        help="Also write a Markdown summary to this file ($GITHUB_STEP_SUMMARY).",
     ),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:

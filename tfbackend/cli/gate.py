@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import typer
 
 from tfbackend.cli.app import app
@@ -13,14 +11,19 @@ from tfbackend.cli.errors import user_errors
 @app.command()
 def gate(
     manifest: str = typer.Argument(..., help="models.toml (or .yaml): the models to gate."),
-    junit: Optional[str] = typer.Option(None, "--junit", help="Write JUnit XML here."),
-    markdown: Optional[str] = typer.Option(
+    junit: str | None = typer.Option(None, "--junit", help="Write JUnit XML here."),
+    markdown: str | None = typer.Option(
         None, "--markdown", help="Write a Markdown summary here (e.g. $GITHUB_STEP_SUMMARY)."
     ),
-    json_file: Optional[str] = typer.Option(
+    json_file: str | None = typer.Option(
         None, "--json", help="Write the gate JSON here (a later run's --baseline)."
     ),
-    baseline: Optional[str] = typer.Option(
+    only: list[str] | None = typer.Option(
+        None,
+        "--only",
+        help="Gate only these models (names as in reports; repeat or comma-separate).",
+    ),
+    baseline: str | None = typer.Option(
         None, "--baseline", help="A previous gate JSON: mark and fail on what got worse."
     ),
     tolerance: float = typer.Option(
@@ -30,7 +33,7 @@ def gate(
         False, "--run", help="Also run parity for models with `run = true` (needs GPUs)."
     ),
     device: str = typer.Option("auto", "--device", help="Where runs go: auto, cuda or cpu."),
-    token: Optional[str] = typer.Option(
+    token: str | None = typer.Option(
         None, "--token", envvar="HF_TOKEN", help="Hub token for gated or private repos."
     ),
     offline: bool = typer.Option(
@@ -41,7 +44,7 @@ def gate(
 ) -> None:
     """Gate many models at once: each must meet its expected verdict (exit 0), else exit 1."""
     from tfbackend.gate.baseline import apply_baseline, load_baseline
-    from tfbackend.gate.manifest import load_manifest
+    from tfbackend.gate.manifest import load_manifest, select_models
     from tfbackend.gate.runner import GateOptions, run_gate
 
     with user_errors(debug):
@@ -50,6 +53,10 @@ def gate(
 
             raise UserError(f"--device must be auto, cuda or cpu, got {device!r}")
         loaded = load_manifest(manifest)
+        if only:
+            loaded = select_models(
+                loaded, [n.strip() for v in only for n in v.split(",") if n.strip()]
+            )
         # read the baseline before the long part, so a wrong path fails in a second
         previous = load_baseline(baseline) if baseline else None
         report = run_gate(

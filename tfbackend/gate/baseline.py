@@ -19,7 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from tfbackend.errors import UserError
-from tfbackend.gate.result import RUN_FAILED, RUN_PASSED, Change, GateReport, GateResult, verdict_rank
+from tfbackend.gate.result import (
+    RUN_FAILED,
+    RUN_PASSED,
+    Change,
+    GateReport,
+    GateResult,
+    verdict_rank,
+)
 from tfbackend.report.findings import Verdict
 
 REL_TOL = 0.25  # parity metrics of random-weight tiny models wobble run to run; judge big moves
@@ -55,7 +62,9 @@ def load_baseline(path: str | Path) -> Baseline:
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise BaselineError(f"no such baseline: {p} (write one with `tfbackend gate ... --json`)")
+        raise BaselineError(
+            f"no such baseline: {p} (write one with `tfbackend gate ... --json`)"
+        ) from None
     except (OSError, ValueError) as exc:
         raise BaselineError(f"cannot read baseline {p}: {exc}") from None
     if not isinstance(data, dict) or data.get("kind") != "gate" or "models" not in data:
@@ -70,7 +79,8 @@ def load_baseline(path: str | Path) -> Baseline:
 def _model(raw: dict[str, Any]) -> BaselineModel:
     verdict = raw.get("verdict")
     out = BaselineModel(
-        name=raw["name"], verdict=Verdict(verdict) if verdict in Verdict._value2member_map_ else None
+        name=raw["name"],
+        verdict=Verdict(verdict) if verdict in Verdict._value2member_map_ else None,
     )
     for c in raw.get("checks", []):
         report = c.get("report") or {}

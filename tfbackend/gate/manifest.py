@@ -106,6 +106,20 @@ def load_manifest(path: str | Path) -> Manifest:
     return _Validator(path, locate).manifest(data)
 
 
+def select_models(manifest: Manifest, names: list[str]) -> Manifest:
+    """Keep the named models (`--only`, e.g. the models a pull request changed)."""
+    known = {m.name: m for m in manifest.models} | {m.id: m for m in manifest.models}
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise ManifestError(
+            f"{manifest.path}: no model named {missing[0]!r} (names: "
+            + ", ".join(m.name for m in manifest.models)
+            + ")"
+        )
+    wanted = {known[n].name for n in names}
+    return Manifest(manifest.path, [m for m in manifest.models if m.name in wanted])
+
+
 # -- parsing: data plus a way to find the line of models[i].key ---------------------------------
 
 Locate = Callable[[int | None, str | None], int | None]

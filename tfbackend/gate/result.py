@@ -159,9 +159,11 @@ class GateResult:
             return "error"
         if self.met:
             return "met"
-        return "better than expected" if verdict_rank(self.verdict) < verdict_rank(
-            self.expected
-        ) else "missed"
+        return (
+            "better than expected"
+            if verdict_rank(self.verdict) < verdict_rank(self.expected)
+            else "missed"
+        )
 
     def error_findings(self) -> list[tuple[CheckOutcome, Finding]]:
         return [(c, f) for c in self.checks for f in c.findings if f.severity is Severity.ERROR]

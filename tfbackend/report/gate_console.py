@@ -62,7 +62,9 @@ def render_gate(report, console: Console) -> None:
         if report.regressions:
             console.print(f"[bold red]Regressions vs {report.baseline}:[/]")
             for c in report.regressions:
-                console.print(f"  [red]{escape(c.model)}[/] {c.layout} {c.kind}: {escape(c.message)}")
+                console.print(
+                    f"  [red]{escape(c.model)}[/] {c.layout} {c.kind}: {escape(c.message)}"
+                )
         else:
             console.print(f"[green]No regressions vs {report.baseline}.[/]")
 

@@ -88,7 +88,9 @@ def _gate_suite(result, report) -> _Suite:
     if report.baseline:
         case = suite.case("no regressions vs baseline")
         if result.regressions:
-            lines = [f"{c.kind}: {c.layout} {c.message}".replace("  ", " ") for c in result.regressions]
+            lines = [
+                f"{c.kind}: {c.layout} {c.message}".replace("  ", " ") for c in result.regressions
+            ]
             _sub(case, "failure", _count(result.regressions, "regression"), "Regression", lines)
         if result.known:
             _out(case, "known in the baseline:\n" + "\n".join(c.message for c in result.known))
@@ -168,7 +170,9 @@ def _classname(command: str, name: str) -> str:
 def _finding_lines(f: Finding) -> list[str]:
     lines = [f"{f.rule_id} {f.severity.value}: {f.message}", f"fix: {f.fix}"]
     if f.modules:
-        lines.append("modules: " + ", ".join(f.modules[:10]) + (" …" if len(f.modules) > 10 else ""))
+        lines.append(
+            "modules: " + ", ".join(f.modules[:10]) + (" …" if len(f.modules) > 10 else "")
+        )
     return lines
 
 
@@ -177,7 +181,9 @@ def _lines(findings: list[Finding]) -> list[str]:
 
 
 def _verdict_text(verdict: str, findings: list[Finding]) -> str:
-    return "\n".join([f"verdict: {verdict}"] + [f"{f.rule_id} {f.severity.value}: {f.message}" for f in findings])
+    return "\n".join(
+        [f"verdict: {verdict}"] + [f"{f.rule_id} {f.severity.value}: {f.message}" for f in findings]
+    )
 
 
 def _count(items: list, what: str) -> str:

@@ -67,10 +67,18 @@ def gate_markdown(report) -> str:
             out.append("None: nothing got worse.")
         known = sum(len(r.known) for r in results)
         if known:
-            out += ["", f"{_plural(known, 'known problem')} already in the baseline (not regressions)."]
+            out += [
+                "",
+                f"{_plural(known, 'known problem')} already in the baseline (not regressions).",
+            ]
         out.append("")
 
-    out += ["### Models", "", "| Model | Layouts | Verdict | Expected | Result |", "|---|---|---|---|---|"]
+    out += [
+        "### Models",
+        "",
+        "| Model | Layouts | Verdict | Expected | Result |",
+        "|---|---|---|---|---|",
+    ]
     for r in results:
         v = r.verdict
         verdict = f"{ICON[v]} {v.value}" if v else "💥 ERROR"
@@ -113,9 +121,10 @@ def _model_section(r) -> list[str]:
         if not runs_started:
             body.append("")
             runs_started = True
-        body.append(f"- run {run.layout}: {run.status} — {_cell(run.message)}" + (
-            f" ({metrics})" if metrics else ""
-        ))
+        body.append(
+            f"- run {run.layout}: {run.status} — {_cell(run.message)}"
+            + (f" ({metrics})" if metrics else "")
+        )
     if not body:
         body = ["No findings."]
     # a model that needs attention is open; the rest fold away
