@@ -55,7 +55,7 @@ def render_gate(report, console: Console) -> None:
         for run in r.runs:
             if run.status != "passed":
                 console.print(
-                    f"[dim]{escape(r.name)} run {run.layout}: {run.status}: {escape(run.message)}[/]"
+                    f"[dim]{escape(r.name)} run {run.layout}: {escape(_run_text(run))}[/]"
                 )
 
     if report.baseline:
@@ -74,3 +74,8 @@ def render_gate(report, console: Console) -> None:
         f"[{style}]{met} of {len(report.results)} models met their expectation[/]"
         f" ({report.seconds:.1f} s)"
     )
+
+
+def _run_text(run) -> str:
+    # skip reasons already say "run skipped" or how to ask for a run
+    return run.message if run.status == "skipped" else f"{run.status}: {run.message}"
