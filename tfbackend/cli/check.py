@@ -47,6 +47,15 @@ def check(
     json_out: bool = typer.Option(
         False, "--json", help="Print the JSON report only (schema in docs/json-schema.md)."
     ),
+    json_file: str | None = typer.Option(
+        None, "--json-file", help="Also write the JSON report to this file."
+    ),
+    junit: str | None = typer.Option(None, "--junit", help="Also write JUnit XML to this file."),
+    markdown: str | None = typer.Option(
+        None,
+        "--markdown",
+        help="Also write a Markdown summary to this file ($GITHUB_STEP_SUMMARY).",
+    ),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Predict what vLLM's Transformers backend will build for MODEL, and whether it will work."""
@@ -69,6 +78,7 @@ def check(
                 strict=strict,
             ),
         )
+        _write_files(report, model, json_file, junit, markdown)
     if json_out:
         from tfbackend.report.json_out import to_json
 
@@ -78,3 +88,20 @@ def check(
 
         render_check(report, make_console())
     raise typer.Exit(report.exit_code)
+
+
+def _write_files(report, model: str, json_file, junit, markdown) -> None:
+    from tfbackend.report.files import write_report_file
+
+    if json_file:
+        from tfbackend.report.json_out import to_json
+
+        write_report_file(json_file, to_json(report) + "\n")
+    if junit:
+        from tfbackend.report.junit import check_junit
+
+        write_report_file(junit, check_junit(report, model))
+    if markdown:
+        from tfbackend.report.markdown import check_markdown
+
+        write_report_file(markdown, check_markdown(report, model))
