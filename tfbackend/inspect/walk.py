@@ -22,7 +22,7 @@ from tfbackend.inspect.facts import (
     MoEConfig,
     SourceInfo,
 )
-from tfbackend.inspect.norms import classify_norm, norm_eps, zero_initialised
+from tfbackend.inspect.norms import EPS_ATTRS, classify_norm, norm_eps, zero_initialised
 
 LAYERNORM = "layernorm"
 
@@ -31,6 +31,26 @@ NUM_EXPERTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_
 TOP_K = ("num_experts_per_tok", "top_k", "moe_topk")
 MOE_INTERMEDIATE = ("moe_intermediate_size", "intermediate_size")
 SHARED_EXPERTS = ("num_experts_shared", "n_shared_experts", "moe_num_shared_experts")
+
+
+# Text-config attributes kept verbatim in ConfigFacts.raw (rules check which alias a model uses).
+RAW_ATTRS = (
+    *NUM_EXPERTS,
+    *TOP_K,
+    *SHARED_EXPERTS,
+    "moe_intermediate_size",
+    "n_group",
+    "topk_group",
+    "norm_topk_prob",
+    "num_nextn_predict_layers",
+    "mtp_num_hidden_layers",
+    "logit_scale",
+    "use_sliding_window",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "v_head_dim",
+    "q_lora_rank",
+)
 
 
 def first_attr(obj: Any, names: tuple[str, ...], default: Any = None) -> tuple[Any, str | None]:
@@ -76,7 +96,21 @@ def config_facts(config: Any, text: Any) -> ConfigFacts:
     tie = bool(
         getattr(text, "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False)
     )
+    act = getattr(text, "hidden_act", None) or getattr(text, "hidden_activation", None)
+    raw = {}
+    for name in RAW_ATTRS:
+        value = getattr(text, name, None)
+        if value is not None and isinstance(value, (int, float, str, bool, list)):
+            raw[name] = value
+    subs = []
+    if config is not text:
+        for key, value in vars(config).items():
+            if key.endswith("_config") and hasattr(value, "to_dict") and value is not text:
+                subs.append(key)
     return ConfigFacts(
+        hidden_act=act if isinstance(act, str) else None,
+        sub_configs=sorted(subs),
+        raw=raw,
         model_type=getattr(config, "model_type", "") or "",
         architectures=list(getattr(config, "architectures", None) or []),
         hidden_size=hidden,
@@ -219,6 +253,10 @@ def walk(model: Any, config: Any, text: Any, source: SourceInfo) -> ModelFacts:
                 "rms_named": cls.__name__.endswith("RMSNorm"),
                 "zero_init": zero_init,
                 "eps": norm_eps(module),
+                "eps_attr": next(
+                    (a for a in EPS_ATTRS if isinstance(getattr(module, a, None), (int, float))),
+                    None,
+                ),
                 "bias": "bias" in own,
                 "with_scale": getattr(module, "with_scale", None),
             }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from tfbackend.replace.plan import K_LINEAR
+from tfbackend.replace.plan import K_EXPERTS, K_LINEAR
 from tfbackend.report.findings import Severity
 from tfbackend.rules.registry import rule
 
@@ -62,7 +62,11 @@ def unknown_style(ctx, r):
         return
     by_style: dict[str, list] = {}
     for e in ctx.plan.entries_of(K_LINEAR):
-        if e.tp_style and e.tp_style not in ctx.profile.linear_styles and ctx.profile.honours_tp_plan:
+        if (
+            e.tp_style
+            and e.tp_style not in ctx.profile.linear_styles
+            and ctx.profile.honours_tp_plan
+        ):
             by_style.setdefault(e.tp_style, []).append(e)
     bpp = _bytes_per_param(ctx)
     for style, entries in sorted(by_style.items()):
@@ -161,7 +165,7 @@ def shard_divisible(ctx, r):
     bad = Counter()
     examples: dict[tuple, list[str]] = {}
     for e in ctx.plan.entries:
-        if e.kind == "embedding" or e.kind == "lm_head":
+        if e.kind in ("embedding", "lm_head", "experts"):  # experts: TFB211
             continue
         for p in e.params:
             if p.shard_dim is None or p.shard_dim >= len(p.full_shape):
@@ -199,3 +203,151 @@ def vocab_divisible(ctx, r):
                     f"{e.qualname}: padded vocab {padded} is not divisible by tp={ctx.tp}",
                     modules=[e.qualname],
                 )
+
+
+def _tp_plan_active(ctx) -> bool:
+    return ctx.tp > 1 and bool(ctx.facts.tp_plan) and ctx.profile.honours_tp_plan
+
+
+@rule(
+    "TFB208",
+    "tp_plan keys that match no module",
+    Severity.INFO,
+    rationale="""
+vLLM prefixes every tp_plan key with `model.` and `re.match`es it against module names. A key
+that matches no module and no parameter (a renamed module, a plan written for another
+variant of the architecture) shards nothing: what it meant to shard is replicated.
+""",
+    fix="nothing to do if the module is absent by design; otherwise fix the key in "
+    "base_model_tp_plan",
+)
+def unmatched_keys(ctx, r):
+    import re
+
+    if not _tp_plan_active(ctx):
+        return
+    names = [m.qualname for m in ctx.facts.modules]
+    names += [f"{m.qualname}.{p}" for m in ctx.facts.modules for p in m.params]
+    dead = [k for k in ctx.facts.tp_plan if not any(re.match(f"model.{k}", n) for n in names)]
+    if dead:
+        yield r.finding(
+            f"{len(dead)} tp_plan key(s) match nothing in {ctx.facts.model_class}: "
+            + ", ".join(dead[:6])
+            + (" …" if len(dead) > 6 else ""),
+            keys=dead,
+        )
+
+
+@rule(
+    "TFB209",
+    "Linears no tp_plan key matches: replicated",
+    Severity.WARNING,
+    rationale="""
+A linear no tp_plan key matches (and no fuser claims) becomes ReplicatedLinear: every rank holds
+and computes all of it. Routers and small gates are meant to be replicated; a large projection
+left out of the plan costs memory and speed on every rank.
+""",
+    fix="add keys for the large linears to base_model_tp_plan, or accept the memory shown",
+)
+def replicated_linears(ctx, r):
+    if not _tp_plan_active(ctx):
+        return
+    left = [e for e in ctx.plan.entries_of(K_LINEAR) if e.tp_style is None]
+    if not left:
+        return
+    bpp = _bytes_per_param(ctx)
+    sizes = {e.qualname: sum(_numel(p.full_shape) for p in e.params) for e in left}
+    total = sum(sizes.values())
+    extra = total * bpp * (ctx.tp - 1) // ctx.tp
+    by_class = Counter(e.qualname.rsplit(".", 1)[-1] for e in left)
+    kinds = ", ".join(f"{name} ×{n}" for name, n in by_class.most_common(6))
+    # Under 1% of the model: routers and gates, replicated on purpose.
+    small = total < 0.01 * max(ctx.facts.num_parameters, 1)
+    yield r.finding(
+        f"{len(left)} linear(s) replicated ({kinds}): {_fmt_bytes(total * bpp)} in all, "
+        f"{_fmt_bytes(extra)} more per rank than sharding would need",
+        severity=Severity.INFO if small else Severity.WARNING,
+        modules=sorted(sizes, key=lambda q: -sizes[q])[:16],
+        params=total,
+        extra_bytes_per_rank=extra,
+    )
+
+
+@rule(
+    "TFB210",
+    "tp_plan key shadows a later key (first match wins)",
+    Severity.WARNING,
+    rationale="""
+vLLM takes the FIRST tp_plan key whose regex matches the start of a module name. A key such
+as `layers.*.mlp.gate` also matches `layers.0.mlp.gate_proj`, so a router's style can land on a
+projection. When a later key matches the module exactly with another style, the module gets the
+wrong one: shapes per rank disagree with the checkpoint shards or the all-reduce is missing.
+""",
+    fix="anchor the key (`layers.*.mlp.gate$`) or order the more specific key first",
+)
+def shadowing(ctx, r):
+    import re
+
+    if not _tp_plan_active(ctx):
+        return
+    plan = ctx.facts.tp_plan
+    for m in ctx.facts.modules:
+        if m.kind != "linear":
+            continue
+        entry = ctx.plan.entry_for(m.qualname)
+        if entry is not None and len(entry.sources) > 1:
+            continue  # fused: vLLM's fuser decides its sharding, not the tp_plan
+        for key, style in plan.items():
+            hit = re.match(f"model.{key}", m.qualname)
+            if not hit:
+                continue
+            end = hit.end()
+            if end == len(m.qualname) or m.qualname[end] == ".":
+                break  # whole name, or a parent module: as intended
+            exact = [
+                (k, s)
+                for k, s in plan.items()
+                if k != key and re.fullmatch(f"model.{k}", m.qualname)
+            ]
+            if exact and exact[0][1] != style:
+                yield r.finding(
+                    f"{m.qualname}: key {key!r} ({style}) matches part of the name and comes "
+                    f"first; {exact[0][0]!r} ({exact[0][1]}) is never used for it",
+                    severity=Severity.ERROR,
+                    modules=[m.qualname],
+                    key=key,
+                    intended=exact[0][0],
+                )
+            elif not exact:
+                yield r.finding(
+                    f"{m.qualname}: key {key!r} ({style}) matches only part of the name",
+                    modules=[m.qualname],
+                    key=key,
+                )
+            break
+
+
+@rule(
+    "TFB211",
+    "Expert intermediate size not divisible by tp",
+    Severity.ERROR,
+    rationale="""
+Without expert parallel, FusedMoE splits every expert's intermediate dimension over the ranks
+(w13 on its rows, w2 on its columns) and the split must be exact
+(`divide(intermediate_size, tp)`).
+""",
+    fix="choose a tp that divides moe_intermediate_size",
+)
+def expert_intermediate_divisible(ctx, r):
+    if ctx.tp <= 1:
+        return
+    for spec in ctx.plan.moe:
+        inter = spec.intermediate_size
+        if inter and inter % ctx.tp:
+            yield r.finding(
+                f"expert intermediate size {inter} is not divisible by tp={ctx.tp} "
+                f"({len(ctx.plan.moe)} MoE block(s))",
+                modules=[e.qualname for e in ctx.plan.entries_of(K_EXPERTS)][:16],
+                size=inter,
+            )
+            return
