@@ -117,6 +117,8 @@ With num_key_value_heads >= tp, each rank holds kv_heads / tp KV heads; the spli
 )
 def kv_heads_divisible(ctx, r):
     kv = ctx.facts.config.num_key_value_heads
+    if kv == ctx.facts.config.num_attention_heads:
+        return  # multi-head attention: TFB203 already says it
     if ctx.tp > 1 and kv and kv >= ctx.tp and kv % ctx.tp:
         yield r.finding(f"num_key_value_heads={kv} is not divisible by tp={ctx.tp}", kv_heads=kv)
 
@@ -205,6 +207,13 @@ def vocab_divisible(ctx, r):
                 )
 
 
+def fusers_modelled() -> bool:
+    """Whether the planner models vLLM's fusers (fusion steps registered by tfbackend)."""
+    from tfbackend.replace.planner import FUSION_STEPS
+
+    return bool(FUSION_STEPS)
+
+
 def _tp_plan_active(ctx) -> bool:
     return ctx.tp > 1 and bool(ctx.facts.tp_plan) and ctx.profile.honours_tp_plan
 
@@ -253,6 +262,15 @@ def replicated_linears(ctx, r):
     if not _tp_plan_active(ctx):
         return
     left = [e for e in ctx.plan.entries_of(K_LINEAR) if e.tp_style is None]
+    note = ""
+    if ctx.profile.fuses and not fusers_modelled():
+        # vLLM 0.32's attention fusers (QKV, packed QKV, MLA) claim every projection of an
+        # attention module, o_proj included; until the plan models them, do not count those.
+        attn = [m.qualname + "." for m in ctx.facts.modules if m.kind == "attention"]
+        kept = [e for e in left if not any(e.qualname.startswith(a) for a in attn)]
+        if len(kept) != len(left):
+            note = " (attention projections left to vLLM's fusers)"
+        left = kept
     if not left:
         return
     bpp = _bytes_per_param(ctx)
@@ -265,7 +283,7 @@ def replicated_linears(ctx, r):
     small = total < 0.01 * max(ctx.facts.num_parameters, 1)
     yield r.finding(
         f"{len(left)} linear(s) replicated ({kinds}): {_fmt_bytes(total * bpp)} in all, "
-        f"{_fmt_bytes(extra)} more per rank than sharding would need",
+        f"{_fmt_bytes(extra)} more per rank than sharding would need{note}",
         severity=Severity.INFO if small else Severity.WARNING,
         modules=sorted(sizes, key=lambda q: -sizes[q])[:16],
         params=total,
@@ -351,3 +369,33 @@ def expert_intermediate_divisible(ctx, r):
                 size=inter,
             )
             return
+
+
+@rule(
+    "TFB212",
+    "Attention projections that are not nn.Linear while heads are split",
+    Severity.ERROR,
+    rationale="""
+The backend replaces only `nn.Linear` (and its fusers match only `nn.Linear`). GPT-2-style
+`Conv1D` projections stay full size on every rank, so the attention module produces every head
+while the vLLM Attention it dispatches to was built for heads / tp: vLLM 0.32 builds such a
+model at tp > 1 (a warning only) but it cannot compute correctly.
+""",
+    fix="serve with tp=1, or with vLLM's native implementation of the architecture",
+)
+def conv1d_attention(ctx, r):
+    if ctx.tp <= 1:
+        return
+    attn = [m.qualname + "." for m in ctx.facts.modules if m.kind == "attention"]
+    convs = [
+        m.qualname
+        for m in ctx.facts.modules
+        if m.kind == "conv1d" and any(m.qualname.startswith(a) for a in attn)
+    ]
+    if convs:
+        names = sorted({q.rsplit(".", 1)[-1] for q in convs})
+        yield r.finding(
+            f"{len(convs)} Conv1D projection(s) in attention ({', '.join(names)}) stay full size "
+            f"while each rank serves heads / {ctx.tp}: wrong output",
+            modules=convs[:16],
+        )
