@@ -240,7 +240,7 @@ def walk(model: Any, config: Any, text: Any, source: SourceInfo) -> ModelFacts:
                 "bias": module.bias is not None,
                 "eps": module.eps,
             }
-        elif cls.__name__.endswith("Norm") and next(module.children(), None) is None:
+        elif cls.__name__.endswith(("Norm", "NormGated")) and next(module.children(), None) is None:
             key = (cls, tuple(tuple(s) for s in own.values()), norm_eps(module))
             if key not in norm_cache:
                 variant, is_rms = classify_norm(module)

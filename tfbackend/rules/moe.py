@@ -234,7 +234,6 @@ def expert_parallel(ctx, r):
         yield r.finding(
             f"{n} experts do not divide over {ctx.tp} ranks: do not use "
             "--enable-expert-parallel at this size",
-            severity=Severity.WARNING,
         )
     else:
         yield r.finding(

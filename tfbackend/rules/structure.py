@@ -87,8 +87,8 @@ def unknown_architecture(ctx, r):
     arch = archs[0]
     try:
         known = getattr(transformers, arch, None) is not None
-    except Exception:  # noqa: BLE001 - transformers' lazy module raises on broken optional deps
-        known = False
+    except Exception:  # noqa: BLE001 - it exists, but an optional dependency is missing here
+        known = True
     if not known:
         yield r.finding(
             f"architectures[0] = {arch!r} is not a class of transformers "
@@ -111,7 +111,11 @@ MTP layers beyond it. A model without one serves at pp=1, but none of those work
 def no_layer_list(ctx, r):
     n = ctx.facts.config.num_hidden_layers
     if n and not layer_lists(ctx.facts):
-        lists = [m for m in ctx.facts.modules if m.kind == "module_list"]
+        lists = [
+            m
+            for m in ctx.facts.modules
+            if m.kind == "module_list" and not any(ch.isdigit() for ch in m.qualname)
+        ]
         seen = ", ".join(f"{m.qualname} ({m.attrs.get('length')})" for m in lists[:4])
         yield r.finding(
             f"no ModuleList has num_hidden_layers={n} entries"

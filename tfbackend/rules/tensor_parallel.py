@@ -61,7 +61,10 @@ def unknown_style(ctx, r):
     if ctx.tp <= 1:
         return
     by_style: dict[str, list] = {}
+    skip = _fuser_claimed(ctx)
     for e in ctx.plan.entries_of(K_LINEAR):
+        if skip(e.qualname):
+            continue
         if (
             e.tp_style
             and e.tp_style not in ctx.profile.linear_styles
@@ -214,6 +217,15 @@ def fusers_modelled() -> bool:
     return bool(FUSION_STEPS)
 
 
+def _fuser_claimed(ctx):
+    """Linears vLLM 0.32's attention fusers (QKV, packed QKV, MLA) claim, o_proj included,
+    while the plan does not model the fusers: the tp_plan is not consulted for them."""
+    if not ctx.profile.fuses or fusers_modelled():
+        return lambda qualname: False
+    attn = tuple(m.qualname + "." for m in ctx.facts.modules if m.kind == "attention")
+    return lambda qualname: qualname.startswith(attn)
+
+
 def _tp_plan_active(ctx) -> bool:
     return ctx.tp > 1 and bool(ctx.facts.tp_plan) and ctx.profile.honours_tp_plan
 
@@ -263,14 +275,14 @@ def replicated_linears(ctx, r):
         return
     left = [e for e in ctx.plan.entries_of(K_LINEAR) if e.tp_style is None]
     note = ""
-    if ctx.profile.fuses and not fusers_modelled():
-        # vLLM 0.32's attention fusers (QKV, packed QKV, MLA) claim every projection of an
-        # attention module, o_proj included; until the plan models them, do not count those.
-        attn = [m.qualname + "." for m in ctx.facts.modules if m.kind == "attention"]
-        kept = [e for e in left if not any(e.qualname.startswith(a) for a in attn)]
-        if len(kept) != len(left):
-            note = " (attention projections left to vLLM's fusers)"
-        left = kept
+    skip = _fuser_claimed(ctx)
+    kept = [e for e in left if not skip(e.qualname)]
+    if len(kept) != len(left):
+        note = " (attention projections left to vLLM's fusers)"
+    left = kept
+    unmodelled = ctx.profile.fuses and not fusers_modelled()
+    if unmodelled:
+        note += "; vLLM's MLP fusers may claim some of these (not modelled in this plan)"
     if not left:
         return
     bpp = _bytes_per_param(ctx)
@@ -284,7 +296,7 @@ def replicated_linears(ctx, r):
     yield r.finding(
         f"{len(left)} linear(s) replicated ({kinds}): {_fmt_bytes(total * bpp)} in all, "
         f"{_fmt_bytes(extra)} more per rank than sharding would need{note}",
-        severity=Severity.INFO if small else Severity.WARNING,
+        severity=Severity.INFO if small or unmodelled else Severity.WARNING,
         modules=sorted(sizes, key=lambda q: -sizes[q])[:16],
         params=total,
         extra_bytes_per_rank=extra,
