@@ -80,6 +80,11 @@ class ConfigFacts:
     kv_lora_rank: int | None
     is_multimodal: bool
     moe: MoEConfig = field(default_factory=MoEConfig)
+    hidden_act: str | None = None
+    # Sub-configs of a multimodal config other than the text one (vision_config, audio_config…)
+    sub_configs: list[str] = field(default_factory=list)
+    # Raw text-config values some rules read by name (MoE aliases, MTP counts…), set ones only
+    raw: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

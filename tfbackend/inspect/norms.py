@@ -20,6 +20,7 @@ from tfbackend.inspect.facts import (
 )
 
 _EPS_ATTRS = ("eps", "variance_epsilon", "epsilon", "norm_eps")
+EPS_ATTRS = _EPS_ATTRS
 
 
 def norm_eps(module: Any) -> float | None:

@@ -22,7 +22,7 @@ from tfbackend.inspect.facts import (
     MoEConfig,
     SourceInfo,
 )
-from tfbackend.inspect.norms import classify_norm, norm_eps, zero_initialised
+from tfbackend.inspect.norms import EPS_ATTRS, classify_norm, norm_eps, zero_initialised
 
 LAYERNORM = "layernorm"
 
@@ -39,6 +39,26 @@ def get(obj: Any, name: str, default: Any = None) -> Any:
         return getattr(obj, name, default)
     except Exception:  # noqa: BLE001 - e.g. transformers' AmbiguousGlobalPerLayerAttributeError
         return default
+
+
+# Text-config attributes kept verbatim in ConfigFacts.raw (rules check which alias a model uses).
+RAW_ATTRS = (
+    *NUM_EXPERTS,
+    *TOP_K,
+    *SHARED_EXPERTS,
+    "moe_intermediate_size",
+    "n_group",
+    "topk_group",
+    "norm_topk_prob",
+    "num_nextn_predict_layers",
+    "mtp_num_hidden_layers",
+    "logit_scale",
+    "use_sliding_window",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "v_head_dim",
+    "q_lora_rank",
+)
 
 
 def first_attr(obj: Any, names: tuple[str, ...], default: Any = None) -> tuple[Any, str | None]:
@@ -80,7 +100,21 @@ def config_facts(config: Any, text: Any) -> ConfigFacts:
     dtype = get(text, "dtype", None) or get(config, "dtype", None)
     layer_types = get(text, "layer_types", None)
     tie = bool(get(text, "tie_word_embeddings", False) or get(config, "tie_word_embeddings", False))
+    act = get(text, "hidden_act", None) or get(text, "hidden_activation", None)
+    raw = {}
+    for name in RAW_ATTRS:
+        value = get(text, name)
+        if value is not None and isinstance(value, (int, float, str, bool, list)):
+            raw[name] = value
+    subs = []
+    if config is not text:
+        for key, value in vars(config).items():
+            if key.endswith("_config") and hasattr(value, "to_dict") and value is not text:
+                subs.append(key)
     return ConfigFacts(
+        hidden_act=act if isinstance(act, str) else None,
+        sub_configs=sorted(subs),
+        raw=raw,
         model_type=get(config, "model_type", "") or "",
         architectures=list(get(config, "architectures", None) or []),
         hidden_size=hidden,
@@ -213,7 +247,7 @@ def walk(model: Any, config: Any, text: Any, source: SourceInfo) -> ModelFacts:
                 "bias": module.bias is not None,
                 "eps": module.eps,
             }
-        elif cls.__name__.endswith("Norm") and next(module.children(), None) is None:
+        elif cls.__name__.endswith(("Norm", "NormGated")) and next(module.children(), None) is None:
             key = (cls, tuple(tuple(s) for s in own.values()), norm_eps(module))
             if key not in norm_cache:
                 variant, is_rms = classify_norm(module)
@@ -226,6 +260,10 @@ def walk(model: Any, config: Any, text: Any, source: SourceInfo) -> ModelFacts:
                 "rms_named": cls.__name__.endswith("RMSNorm"),
                 "zero_init": zero_init,
                 "eps": norm_eps(module),
+                "eps_attr": next(
+                    (a for a in EPS_ATTRS if isinstance(getattr(module, a, None), (int, float))),
+                    None,
+                ),
                 "bias": "bias" in own,
                 "with_scale": getattr(module, "with_scale", None),
             }

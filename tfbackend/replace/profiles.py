@@ -2,6 +2,16 @@
 
 Rules and the planner read a profile instead of hard-coding one vLLM's behaviour, so a team on an
 older vendor fork gets the answer for the vLLM it actually runs.
+
+Version ranges, and how sure they are:
+- vllm-0.32 (>= 0.32.0): read from the installed vLLM 0.32.0 source (models/transformers/,
+  registry.py, layers/quantization/__init__.py) and its metadata (transformers >=5.16.1,<5.20.0).
+- vllm-0.11 (0.7.0 to < 0.32.0): the seed documents (per-linear backend, transformers_moe.py).
+  The seed is one snapshot; the exact releases where its behaviours began and ended (MoE in the
+  backend, encoder-only support, the fuser rewrite) were not confirmed, so the bounds are the
+  neighbouring profiles' and a version inside the range may differ in detail.
+- vllm-0.6 (0.6.0 to < 0.7.0): the vendor port of the backend to vLLM 0.6.2 (every linear
+  replicated, no MoE, no pipeline parallel); unconfirmed for other 0.6.x releases.
 """
 
 from __future__ import annotations
@@ -43,7 +53,22 @@ class Profile:
     vocab_padding: int = 64
     refused_quant: tuple[str, ...] = ("mxfp4",)
     plugin_quant: tuple[str, ...] = ()
-    min_transformers: dict[str, str] = field(default_factory=dict)
+    min_transformers: dict[str, str] = field(default_factory=dict)  # feature → minimum
+    max_transformers: str | None = None  # exclusive upper pin of this vLLM's requirements
+    min_torch: str | None = None
+    moe_top_k_attrs: tuple[str, ...] = ("num_experts_per_tok", "top_k")  # read, then asserted
+    moe_num_experts_attrs: tuple[str, ...] = (
+        "num_experts",
+        "moe_num_experts",
+        "n_routed_experts",
+        "num_local_experts",
+    )
+    moe_shared_attrs: tuple[str, ...] = ("n_shared_experts", "moe_num_shared_experts")
+    moe_activations: dict[str, str] = field(default_factory=lambda: {"gptoss": "swigluoai"})
+    expert_parallel: bool = True  # --enable-expert-parallel accepted
+    gptq_bias_ignored: bool = False  # GPTQ checkpoints' `.bias` tensors skipped at load
+    norm_bias_replaced: bool = False  # a *RMSNorm with a bias still becomes a bias-less RMSNorm
+    norm_eps_attrs: tuple[str, ...] | None = None  # where eps is read; None: from forward
 
 
 PROFILES: dict[str, Profile] = {
@@ -62,6 +87,9 @@ PROFILES: dict[str, Profile] = {
             supports_pp=False,
             refused_quant=(),
             min_transformers={"base": "4.45.0"},
+            expert_parallel=False,
+            norm_bias_replaced=True,
+            norm_eps_attrs=("eps", "variance_epsilon"),
         ),
         Profile(
             name="vllm-0.11",
@@ -75,6 +103,12 @@ PROFILES: dict[str, Profile] = {
             moe_layouts=("module_list",),
             refused_quant=("mxfp4",),
             min_transformers={"base": "4.52.0", "moe": "4.57.0.dev0", "encoder": "4.57.0.dev0"},
+            moe_activations={"gptoss": "swigluoai", "grok1": "gelu"},
+            moe_shared_attrs=("num_experts_shared", "n_shared_experts", "moe_num_shared_experts"),
+            expert_parallel=False,
+            gptq_bias_ignored=True,
+            norm_bias_replaced=True,
+            norm_eps_attrs=("eps", "variance_epsilon"),
         ),
         Profile(
             name="vllm-0.32",
@@ -92,8 +126,13 @@ PROFILES: dict[str, Profile] = {
             replaces_layernorm=True,
             fuses=True,
             refused_quant=("mxfp4", "gpt_oss_mxfp4"),
+            # Absent from 0.32's QUANTIZATION_METHODS: only an out-of-tree plugin
+            # (register_quantization_config) can provide them.
             plugin_quant=("bitsandbytes", "gguf"),
-            min_transformers={"base": "5.0.0", "moe": "5.0.0", "encoder": "5.0.0"},
+            # vLLM 0.32.0's own pin (transformers>=5.16.1,<5.20.0); video inputs check 5.18.0.
+            min_transformers={"base": "5.16.1", "video": "5.18.0"},
+            max_transformers="5.20.0",
+            min_torch="2.13.0",
         ),
     )
 }

@@ -51,3 +51,113 @@ def attention_interface(ctx, r):
             ][:16],
             layers=idx,
         )
+
+
+@rule(
+    "TFB402",
+    "Sliding-window attention",
+    Severity.INFO,
+    rationale="""
+vLLM 0.32 gives a layer a sliding window when `config.layer_types[i] == "sliding_attention"`
+(`per_layer_sliding_window`); without layer_types, `config.sliding_window` applies to every
+layer. Any other layer type (e.g. Llama 4's "chunked_attention") is served as full attention:
+outputs agree only while the context is shorter than the chunk.
+""",
+    fix="nothing to do for sliding windows; for other layer types keep prompts shorter than the "
+    "chunk, or serve with vLLM's native implementation",
+)
+def sliding_window(ctx, r):
+    cfg = ctx.facts.config
+    types = cfg.layer_types or []
+    sliding = [a.layer_idx for a in ctx.plan.attention if a.sliding_window]
+    if sliding:
+        yield r.finding(
+            f"{len(sliding)} of {len(ctx.plan.attention)} layers use a sliding window of "
+            f"{cfg.sliding_window} tokens",
+            layers=sliding,
+        )
+    elif cfg.sliding_window and not types:
+        yield r.finding(
+            f"every layer uses a sliding window of {cfg.sliding_window} tokens (no layer_types)"
+        )
+    served = {a.layer_idx for a in ctx.plan.attention if a.qualname}
+    odd: dict[str, list[int]] = {}
+    for i, t in enumerate(types):
+        if t not in ("full_attention", "sliding_attention") and i in served:
+            odd.setdefault(t, []).append(i)
+    for t, layers in sorted(odd.items()):
+        yield r.finding(
+            f"{len(layers)} layer(s) of type {t!r} are served as full attention",
+            severity=Severity.WARNING,
+            layers=layers,
+            layer_type=t,
+        )
+
+
+@rule(
+    "TFB403",
+    "Logit soft-capping",
+    Severity.INFO,
+    rationale="""
+`attn_logit_softcapping` is passed to every vLLM Attention as `logits_soft_cap` (the attention
+backend must support it: FlashAttention and FlashInfer do); `final_logit_softcapping` is applied
+by the LogitsProcessor. Both reproduce the model's tanh capping.
+""",
+    fix="nothing to do; pick an attention backend that supports soft-capping",
+)
+def softcap(ctx, r):
+    cfg = ctx.facts.config
+    caps = []
+    if cfg.attn_logit_softcapping:
+        caps.append(f"attention logits capped at {cfg.attn_logit_softcapping}")
+    if cfg.final_logit_softcapping:
+        caps.append(f"final logits capped at {cfg.final_logit_softcapping}")
+    if caps:
+        yield r.finding("; ".join(caps))
+
+
+@rule(
+    "TFB404",
+    "Attention sinks",
+    Severity.INFO,
+    rationale="""
+A model that passes `s_aux=` to the attention interface (gpt-oss style learned sinks) gets the
+sinks tensor handed to vLLM's Attention (`sinks=`); only attention backends that implement sinks
+can serve it, and the sinks' heads are split over tp like the query heads.
+""",
+    fix="nothing to do; vLLM picks a sinks-capable attention backend",
+)
+def sinks(ctx, r):
+    layers = [a.layer_idx for a in ctx.plan.attention if a.sinks]
+    if layers:
+        yield r.finding(f"{len(layers)} layer(s) pass attention sinks (s_aux)", layers=layers)
+
+
+@rule(
+    "TFB405",
+    "Multi-head latent attention (MLA)",
+    Severity.INFO,
+    rationale="""
+A config with `kv_lora_rank` is MLA (DeepSeek-V2/V3 style). vLLM 0.32's MLAFuser fuses the
+latent projections and serves them with MLAAttention (compressed KV cache); if it matches no
+layer, vLLM warns and falls back to full attention with head size qk_nope + qk_rope and a padded
+value head, which computes the same result with a much larger KV cache. Older backends know
+nothing of MLA and size the KV cache from head_dim.
+""",
+    fix="nothing to do on vLLM 0.32+; on older vLLM serve with the native implementation",
+)
+def mla(ctx, r):
+    cfg = ctx.facts.config
+    if cfg.kv_lora_rank is None:
+        return
+    nope = cfg.raw.get("qk_nope_head_dim")
+    rope = cfg.raw.get("qk_rope_head_dim")
+    dims = f" (qk_nope {nope} + qk_rope {rope})" if nope is not None and rope is not None else ""
+    if ctx.profile.fuses:
+        yield r.finding(f"MLA with kv_lora_rank={cfg.kv_lora_rank}{dims}: served by MLAAttention")
+    else:
+        yield r.finding(
+            f"MLA with kv_lora_rank={cfg.kv_lora_rank}{dims}: {ctx.profile.name} has no MLA "
+            "support; the KV cache is sized from head_dim and may not match",
+            severity=Severity.WARNING,
+        )

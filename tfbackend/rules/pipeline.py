@@ -75,3 +75,53 @@ def too_many_stages(ctx, r):
 def pp_unsupported(ctx, r):
     if ctx.pp > 1 and not ctx.profile.supports_pp:
         yield r.finding(f"{ctx.profile.name} cannot split the model over {ctx.pp} stages")
+
+
+@rule(
+    "TFB305",
+    "Uneven pipeline stages",
+    Severity.INFO,
+    rationale="""
+`get_pp_indices` gives every stage num_hidden_layers // pp layers and hands the remainder to the
+stages before the last (the last also holds the final norm and LM head). Uneven stages make the
+busiest stage the pace of the pipeline; VLLM_PP_LAYER_PARTITION sets the split by hand.
+""",
+    fix="nothing to do; set VLLM_PP_LAYER_PARTITION to balance by hand",
+)
+def uneven_stages(ctx, r):
+    stages = ctx.plan.stages
+    if ctx.pp <= 1 or not stages:
+        return
+    sizes = [st.layers[1] - st.layers[0] for st in stages]
+    if len(set(sizes)) > 1:
+        split = " / ".join(str(n) for n in sizes)
+        yield r.finding(
+            f"{ctx.facts.config.num_hidden_layers} layers over {ctx.pp} stages: {split}",
+            layers_per_stage=sizes,
+        )
+
+
+@rule(
+    "TFB306",
+    "Tied embeddings: the embedding is held by the first and the last stage",
+    Severity.INFO,
+    rationale="""
+With tie_word_embeddings the LM head reuses the input embedding. Under pipeline parallel vLLM
+keeps the modules before the layer list on the last stage as well as the first, so the embedding
+table is stored twice (once per end of the pipeline) and loaded into both.
+""",
+    fix="nothing to do; count the table twice when sizing the last stage",
+)
+def tied_across_stages(ctx, r):
+    if ctx.pp <= 1 or not ctx.plan.stages or not ctx.facts.config.tie_word_embeddings:
+        return
+    cfg = ctx.facts.config
+    size = ""
+    if cfg.vocab_size and cfg.hidden_size:
+        nbytes = cfg.vocab_size * cfg.hidden_size * (4 if "32" in (cfg.dtype or "") else 2)
+        size = f" ({nbytes / 2**20:.1f} MiB unsharded)"
+    last = ctx.plan.stages[-1]
+    yield r.finding(
+        f"embedding kept on stage 0 and stage {last.rank}{size}: "
+        f"stage {last.rank} holds {', '.join(last.modules) or 'it'}",
+    )

@@ -35,6 +35,12 @@ class Rule:
     fix: str
     check: Callable[[RuleContext], Iterable[Finding]]
 
+    @property
+    def example(self) -> str:
+        from tfbackend.rules.examples import EXAMPLES
+
+        return EXAMPLES.get(self.id, "")
+
     def finding(
         self,
         message: str,
@@ -102,7 +108,7 @@ def load_all() -> dict[str, Rule]:
     import tfbackend.rules as pkg
 
     for info in pkgutil.iter_modules(pkg.__path__):
-        if info.name not in ("registry",):
+        if info.name not in ("registry", "examples", "pages"):
             importlib.import_module(f"{pkg.__name__}.{info.name}")
     return REGISTRY
 

@@ -51,3 +51,168 @@ def multimodal(ctx, r):
             f"{ctx.facts.config.model_type} is multimodal: checked its text model "
             f"({ctx.facts.model_class})"
         )
+
+
+def layer_lists(facts) -> list:
+    """ModuleLists holding one entry per decoder layer, not nested inside another such list."""
+    n = facts.config.num_hidden_layers
+    found = []
+    for m in facts.modules:
+        if m.kind != "module_list" or not n or m.attrs.get("length") != n:
+            continue
+        if any(m.qualname.startswith(f.qualname + ".") for f in found):
+            continue
+        found.append(m)
+    return found
+
+
+@rule(
+    "TFB103",
+    "Architecture unknown to the installed transformers",
+    Severity.ERROR,
+    rationale="""
+vLLM resolves the backend's model class as `getattr(transformers, architectures[0])`, then
+through the config's `auto_map`. When neither finds it, `model_impl="transformers"` raises
+"Cannot find model module. 'X' is not a registered model in the Transformers library".
+""",
+    fix="upgrade transformers to a version that ships the architecture, or fix "
+    "`architectures` in config.json",
+)
+def unknown_architecture(ctx, r):
+    import transformers
+
+    archs = ctx.facts.config.architectures
+    if not archs or ctx.facts.source.has_custom_code:
+        return
+    arch = archs[0]
+    try:
+        known = getattr(transformers, arch, None) is not None
+    except Exception:  # noqa: BLE001 - it exists, but an optional dependency is missing here
+        known = True
+    if not known:
+        yield r.finding(
+            f"architectures[0] = {arch!r} is not a class of transformers "
+            f"{transformers.__version__} and the config has no auto_map",
+            architecture=arch,
+        )
+
+
+@rule(
+    "TFB104",
+    "No ModuleList of decoder layers",
+    Severity.WARNING,
+    rationale="""
+The backend finds the decoder layers as the `nn.ModuleList` with num_hidden_layers entries: it
+splits that list over pipeline stages, records Eagle3 auxiliary hidden states from it and skips
+MTP layers beyond it. A model without one serves at pp=1, but none of those work.
+""",
+    fix="serve with pp=1 and without Eagle3 speculative decoding",
+)
+def no_layer_list(ctx, r):
+    n = ctx.facts.config.num_hidden_layers
+    if n and not layer_lists(ctx.facts):
+        lists = [
+            m
+            for m in ctx.facts.modules
+            if m.kind == "module_list" and not any(ch.isdigit() for ch in m.qualname)
+        ]
+        seen = ", ".join(f"{m.qualname} ({m.attrs.get('length')})" for m in lists[:4])
+        yield r.finding(
+            f"no ModuleList has num_hidden_layers={n} entries"
+            + (f"; ModuleLists found: {seen}" if seen else ""),
+        )
+
+
+@rule(
+    "TFB105",
+    "Several ModuleLists of decoder layers",
+    Severity.WARNING,
+    rationale="""
+Models such as encoder–decoders, or models that keep separate local and global stacks, have
+more than one ModuleList of num_hidden_layers entries. vLLM's pipeline split refuses them ("multiple
+`ModuleList`s ... not supported") and its Eagle3 bookkeeping follows whichever list it meets last.
+""",
+    fix="serve with pp=1",
+)
+def several_layer_lists(ctx, r):
+    found = layer_lists(ctx.facts)
+    if len(found) > 1:
+        yield r.finding(
+            f"{len(found)} ModuleLists of {ctx.facts.config.num_hidden_layers} layers: "
+            + ", ".join(m.qualname for m in found),
+            modules=[m.qualname for m in found],
+        )
+
+
+@rule(
+    "TFB106",
+    "Text config missing the numbers the backend reads",
+    Severity.ERROR,
+    rationale="""
+The backend reads hidden_size, num_hidden_layers, num_attention_heads and vocab_size from
+`config.get_text_config()`. A config whose text part lacks them (a multimodal config whose
+language model is not a recognised sub-config, or a config that names them differently)
+cannot be sized: vLLM fails while building attention and the LM head.
+""",
+    fix="check that the config nests its language model as text_config (or names the fields "
+    "as transformers does)",
+)
+def text_config_missing(ctx, r):
+    cfg = ctx.facts.config
+    missing = [
+        name
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+        if getattr(cfg, name) is None
+    ]
+    if missing:
+        yield r.finding(
+            f"the text config of {cfg.model_type!r} has no {', '.join(missing)}", missing=missing
+        )
+
+
+@rule(
+    "TFB107",
+    "Non-causal attention: served as an encoder-only model",
+    Severity.ERROR,
+    rationale="""
+vLLM serves no encoder–decoder models. In a text-only model, the backend treats the presence of
+ANY module with `is_causal = False` as the sign of an encoder model and gives every layer
+EncoderOnlyAttention (bidirectional, no KV cache). A causal LM with one such module (an encoder
+stack, a bidirectional block) would generate with attention that sees the future: wrong output.
+""",
+    fix="serve with vLLM's native implementation, or as a pooling/embedding model if it is one",
+)
+def encoder_only(ctx, r):
+    facts = ctx.facts
+    if not facts.has_non_causal_module or facts.config.is_multimodal:
+        return
+    non_causal = [
+        m.qualname
+        for m in facts.modules
+        if m.kind == "attention" and m.attrs.get("is_causal") is False
+    ]
+    yield r.finding(
+        f"{facts.model_class} has modules with is_causal=False: every layer becomes "
+        "EncoderOnlyAttention, so causal generation is wrong",
+        modules=non_causal[:16],
+    )
+
+
+@rule(
+    "TFB108",
+    "Vision or audio tower present",
+    Severity.INFO,
+    rationale="""
+A multimodal config carries towers (vision_config, audio_config, …) beside its language model.
+vLLM 0.32's backend serves them through its multimodal mixin, which builds the whole model and
+replaces the towers' Conv2d/Conv3d and linears too; tfbackend checks the language model only.
+""",
+    fix="nothing to do for text-only prompts; test image/audio inputs with `tfbackend run`",
+)
+def towers(ctx, r):
+    subs = [s for s in ctx.facts.config.sub_configs if s != "text_config"]
+    if ctx.facts.config.is_multimodal and subs:
+        yield r.finding(
+            f"{ctx.facts.config.model_type} carries {', '.join(subs)}: towers are not checked",
+            towers=subs,
+        )

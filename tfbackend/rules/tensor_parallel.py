@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from tfbackend.replace.plan import K_LINEAR
+from tfbackend.replace.plan import K_EXPERTS, K_LINEAR
 from tfbackend.report.findings import Severity
 from tfbackend.rules.registry import rule
 
@@ -61,7 +61,10 @@ def unknown_style(ctx, r):
     if ctx.tp <= 1:
         return
     by_style: dict[str, list] = {}
+    skip = _fuser_claimed(ctx)
     for e in ctx.plan.entries_of(K_LINEAR):
+        if skip(e.qualname):
+            continue
         if (
             e.tp_style
             and e.tp_style not in ctx.profile.linear_styles
@@ -117,6 +120,8 @@ With num_key_value_heads >= tp, each rank holds kv_heads / tp KV heads; the spli
 )
 def kv_heads_divisible(ctx, r):
     kv = ctx.facts.config.num_key_value_heads
+    if kv == ctx.facts.config.num_attention_heads:
+        return  # multi-head attention: TFB203 already says it
     if ctx.tp > 1 and kv and kv >= ctx.tp and kv % ctx.tp:
         yield r.finding(f"num_key_value_heads={kv} is not divisible by tp={ctx.tp}", kv_heads=kv)
 
@@ -165,7 +170,7 @@ def shard_divisible(ctx, r):
     bad = Counter()
     examples: dict[tuple, list[str]] = {}
     for e in ctx.plan.entries:
-        if e.kind == "embedding" or e.kind == "lm_head":
+        if e.kind in ("embedding", "lm_head", "experts"):  # experts: TFB211
             continue
         for p in e.params:
             if p.shard_dim is None or p.shard_dim >= len(p.full_shape):
@@ -203,3 +208,206 @@ def vocab_divisible(ctx, r):
                     f"{e.qualname}: padded vocab {padded} is not divisible by tp={ctx.tp}",
                     modules=[e.qualname],
                 )
+
+
+def fusers_modelled() -> bool:
+    """Whether the planner models vLLM's fusers (fusion steps registered by tfbackend)."""
+    from tfbackend.replace.planner import FUSION_STEPS
+
+    return bool(FUSION_STEPS)
+
+
+def _fuser_claimed(ctx):
+    """Linears vLLM 0.32's attention fusers (QKV, packed QKV, MLA) claim, o_proj included,
+    while the plan does not model the fusers: the tp_plan is not consulted for them."""
+    if not ctx.profile.fuses or fusers_modelled():
+        return lambda qualname: False
+    attn = tuple(m.qualname + "." for m in ctx.facts.modules if m.kind == "attention")
+    return lambda qualname: qualname.startswith(attn)
+
+
+def _tp_plan_active(ctx) -> bool:
+    return ctx.tp > 1 and bool(ctx.facts.tp_plan) and ctx.profile.honours_tp_plan
+
+
+@rule(
+    "TFB208",
+    "tp_plan keys that match no module",
+    Severity.INFO,
+    rationale="""
+vLLM prefixes every tp_plan key with `model.` and `re.match`es it against module names. A key
+that matches no module and no parameter (a renamed module, a plan written for another
+variant of the architecture) shards nothing: what it meant to shard is replicated.
+""",
+    fix="nothing to do if the module is absent by design; otherwise fix the key in "
+    "base_model_tp_plan",
+)
+def unmatched_keys(ctx, r):
+    import re
+
+    if not _tp_plan_active(ctx):
+        return
+    names = [m.qualname for m in ctx.facts.modules]
+    names += [f"{m.qualname}.{p}" for m in ctx.facts.modules for p in m.params]
+    dead = [k for k in ctx.facts.tp_plan if not any(re.match(f"model.{k}", n) for n in names)]
+    if dead:
+        yield r.finding(
+            f"{len(dead)} tp_plan key(s) match nothing in {ctx.facts.model_class}: "
+            + ", ".join(dead[:6])
+            + (" …" if len(dead) > 6 else ""),
+            keys=dead,
+        )
+
+
+@rule(
+    "TFB209",
+    "Linears no tp_plan key matches: replicated",
+    Severity.WARNING,
+    rationale="""
+A linear no tp_plan key matches (and no fuser claims) becomes ReplicatedLinear: every rank holds
+and computes all of it. Routers and small gates are meant to be replicated; a large projection
+left out of the plan costs memory and speed on every rank.
+""",
+    fix="add keys for the large linears to base_model_tp_plan, or accept the memory shown",
+)
+def replicated_linears(ctx, r):
+    if not _tp_plan_active(ctx):
+        return
+    left = [e for e in ctx.plan.entries_of(K_LINEAR) if e.tp_style is None]
+    note = ""
+    skip = _fuser_claimed(ctx)
+    kept = [e for e in left if not skip(e.qualname)]
+    if len(kept) != len(left):
+        note = " (attention projections left to vLLM's fusers)"
+    left = kept
+    unmodelled = ctx.profile.fuses and not fusers_modelled()
+    if unmodelled:
+        note += "; vLLM's MLP fusers may claim some of these (not modelled in this plan)"
+    if not left:
+        return
+    bpp = _bytes_per_param(ctx)
+    sizes = {e.qualname: sum(_numel(p.full_shape) for p in e.params) for e in left}
+    total = sum(sizes.values())
+    extra = total * bpp * (ctx.tp - 1) // ctx.tp
+    by_class = Counter(e.qualname.rsplit(".", 1)[-1] for e in left)
+    kinds = ", ".join(f"{name} ×{n}" for name, n in by_class.most_common(6))
+    # Under 1% of the model: routers and gates, replicated on purpose.
+    small = total < 0.01 * max(ctx.facts.num_parameters, 1)
+    yield r.finding(
+        f"{len(left)} linear(s) replicated ({kinds}): {_fmt_bytes(total * bpp)} in all, "
+        f"{_fmt_bytes(extra)} more per rank than sharding would need{note}",
+        severity=Severity.INFO if small or unmodelled else Severity.WARNING,
+        modules=sorted(sizes, key=lambda q: -sizes[q])[:16],
+        params=total,
+        extra_bytes_per_rank=extra,
+    )
+
+
+@rule(
+    "TFB210",
+    "tp_plan key shadows a later key (first match wins)",
+    Severity.WARNING,
+    rationale="""
+vLLM takes the FIRST tp_plan key whose regex matches the start of a module name. A key such
+as `layers.*.mlp.gate` also matches `layers.0.mlp.gate_proj`, so a router's style can land on a
+projection. When a later key matches the module exactly with another style, the module gets the
+wrong one: shapes per rank disagree with the checkpoint shards or the all-reduce is missing.
+""",
+    fix="anchor the key (`layers.*.mlp.gate$`) or order the more specific key first",
+)
+def shadowing(ctx, r):
+    import re
+
+    if not _tp_plan_active(ctx):
+        return
+    plan = ctx.facts.tp_plan
+    for m in ctx.facts.modules:
+        if m.kind != "linear":
+            continue
+        entry = ctx.plan.entry_for(m.qualname)
+        if entry is not None and len(entry.sources) > 1:
+            continue  # fused: vLLM's fuser decides its sharding, not the tp_plan
+        for key, style in plan.items():
+            hit = re.match(f"model.{key}", m.qualname)
+            if not hit:
+                continue
+            end = hit.end()
+            if end == len(m.qualname) or m.qualname[end] == ".":
+                break  # whole name, or a parent module: as intended
+            exact = [
+                (k, s)
+                for k, s in plan.items()
+                if k != key and re.fullmatch(f"model.{k}", m.qualname)
+            ]
+            if exact and exact[0][1] != style:
+                yield r.finding(
+                    f"{m.qualname}: key {key!r} ({style}) matches part of the name and comes "
+                    f"first; {exact[0][0]!r} ({exact[0][1]}) is never used for it",
+                    severity=Severity.ERROR,
+                    modules=[m.qualname],
+                    key=key,
+                    intended=exact[0][0],
+                )
+            elif not exact:
+                yield r.finding(
+                    f"{m.qualname}: key {key!r} ({style}) matches only part of the name",
+                    modules=[m.qualname],
+                    key=key,
+                )
+            break
+
+
+@rule(
+    "TFB211",
+    "Expert intermediate size not divisible by tp",
+    Severity.ERROR,
+    rationale="""
+Without expert parallel, FusedMoE splits every expert's intermediate dimension over the ranks
+(w13 on its rows, w2 on its columns) and the split must be exact
+(`divide(intermediate_size, tp)`).
+""",
+    fix="choose a tp that divides moe_intermediate_size",
+)
+def expert_intermediate_divisible(ctx, r):
+    if ctx.tp <= 1:
+        return
+    for spec in ctx.plan.moe:
+        inter = spec.intermediate_size
+        if inter and inter % ctx.tp:
+            yield r.finding(
+                f"expert intermediate size {inter} is not divisible by tp={ctx.tp} "
+                f"({len(ctx.plan.moe)} MoE block(s))",
+                modules=[e.qualname for e in ctx.plan.entries_of(K_EXPERTS)][:16],
+                size=inter,
+            )
+            return
+
+
+@rule(
+    "TFB212",
+    "Attention projections that are not nn.Linear while heads are split",
+    Severity.ERROR,
+    rationale="""
+The backend replaces only `nn.Linear` (and its fusers match only `nn.Linear`). GPT-2-style
+`Conv1D` projections stay full size on every rank, so the attention module produces every head
+while the vLLM Attention it dispatches to was built for heads / tp: vLLM 0.32 builds such a
+model at tp > 1 (a warning only) but it cannot compute correctly.
+""",
+    fix="serve with tp=1, or with vLLM's native implementation of the architecture",
+)
+def conv1d_attention(ctx, r):
+    if ctx.tp <= 1:
+        return
+    attn = [m.qualname + "." for m in ctx.facts.modules if m.kind == "attention"]
+    convs = [
+        m.qualname
+        for m in ctx.facts.modules
+        if m.kind == "conv1d" and any(m.qualname.startswith(a) for a in attn)
+    ]
+    if convs:
+        names = sorted({q.rsplit(".", 1)[-1] for q in convs})
+        yield r.finding(
+            f"{len(convs)} Conv1D projection(s) in attention ({', '.join(names)}) stay full size "
+            f"while each rank serves heads / {ctx.tp}: wrong output",
+            modules=convs[:16],
+        )
