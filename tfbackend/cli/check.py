@@ -39,6 +39,16 @@ def check(
     select: Optional[list[str]] = typer.Option(None, "--select", help="Only these rule ids or prefixes."),
     ignore: Optional[list[str]] = typer.Option(None, "--ignore", help="Skip these rule ids or prefixes."),
     strict: bool = typer.Option(False, "--strict", help="Warnings fail the check too."),
+    dtype: Optional[str] = typer.Option(
+        None, "--dtype", help="Served dtype for memory and dtype checks (default: config's, else bfloat16)."
+    ),
+    max_model_len: Optional[int] = typer.Option(
+        None, "--max-model-len", help="Context length for the KV cache (default: config's, capped at 131072)."
+    ),
+    gpu_memory: float = typer.Option(80.0, "--gpu-memory", help="GiB of memory per GPU."),
+    no_checkpoint: bool = typer.Option(
+        False, "--no-checkpoint", help="Do not read the checkpoint's safetensors headers."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the JSON report only (schema in docs/json-schema.md)."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
@@ -59,6 +69,10 @@ def check(
                 select=_split(select),
                 ignore=_split(ignore),
                 strict=strict,
+                dtype=dtype,
+                max_model_len=max_model_len,
+                gpu_memory=gpu_memory,
+                no_checkpoint=no_checkpoint,
             ),
         )
     if json_out:

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from itertools import chain
 from typing import Any
 
-from tfbackend.inspect.checkpoint import FLOAT_DTYPES, CheckpointHeaders
+from tfbackend.inspect.checkpoint import FLOAT_DTYPES, FORMAT_SAFETENSORS, CheckpointHeaders
 from tfbackend.inspect.facts import EXPERTS, MODULE_LIST, ModelFacts
 
 # Loaded, or why not.
@@ -102,6 +102,7 @@ class CheckpointComparison:
     """The checkpoint's tensors against the parameters the wrapped model asks for."""
 
     headers: CheckpointHeaders
+    compared: bool = True  # False: no safetensors headers to compare (pickle-only, none, offline)
     loaded: int = 0
     renamed: int = 0  # loaded under another name than the checkpoint's
     experts_merged: int = 0  # per-expert tensors that fill a 3-D experts parameter
@@ -119,6 +120,7 @@ class CheckpointComparison:
     def to_dict(self) -> dict[str, Any]:
         return {
             "headers": self.headers.to_dict(),
+            "compared": self.compared,
             "loaded": self.loaded,
             "renamed": self.renamed,
             "experts_merged": self.experts_merged,
@@ -146,7 +148,7 @@ def _model_class(facts: ModelFacts):
         return None
 
 
-def _raw_text_config(facts: ModelFacts) -> dict[str, Any]:
+def raw_text_config(facts: ModelFacts) -> dict[str, Any]:
     try:
         with open(facts.source.config_path) as f:
             raw = json.load(f)
@@ -187,7 +189,7 @@ def loader_naming(facts: ModelFacts) -> LoaderNaming:
             children.append(name)
     ignore_prefixes = []
     num_layers = facts.config.num_hidden_layers or 0
-    raw = _raw_text_config(facts)
+    raw = raw_text_config(facts)
     n_predict = next((int(raw[a]) for a in MTP_ATTRS if isinstance(raw.get(a), int)), 0)
     for m in facts.modules:
         if m.kind == MODULE_LIST and m.attrs.get("length") == num_layers:
@@ -320,6 +322,9 @@ def compare_checkpoint(
         checkpoint_dtype=_dominant_float_dtype(headers),
         notes=list(naming.notes),
     )
+    if headers.format != FORMAT_SAFETENSORS:
+        result.compared = False
+        return result
     seen: set[str] = set()
     pieces: dict[str, set[tuple[int, str]]] = {}
     for name, tensor in headers.tensors.items():
