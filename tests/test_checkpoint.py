@@ -99,7 +99,9 @@ def test_renamed_tensor_is_missing_and_unexpected(tmp_path):
 
 def test_reshaped_tensor_is_a_shape_mismatch_against_the_full_shape(tmp_path):
     folder = _llama(tmp_path)
-    _rewrite(folder, lambda t: t.update({"model.norm.weight": torch.ones(48, dtype=torch.bfloat16)}))
+    _rewrite(
+        folder, lambda t: t.update({"model.norm.weight": torch.ones(48, dtype=torch.bfloat16)})
+    )
     report = check(str(folder), CheckOptions(tp=2))
     (mismatch,) = _checkpoint(report).shape_mismatches
     assert (mismatch.checkpoint_shape, mismatch.expected_shape) == ([48], [32])
@@ -273,7 +275,10 @@ def test_bin_only_folder_is_reported_and_never_unpickled(tmp_path):
 def test_offline_hub_model_without_cached_headers_is_a_warning(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     source = SourceInfo(
-        kind="hub", location="tfbackend-tests/absent", config_path="", repo_id="tfbackend-tests/absent"
+        kind="hub",
+        location="tfbackend-tests/absent",
+        config_path="",
+        repo_id="tfbackend-tests/absent",
     )
     headers = read_headers(source, offline=True)
     assert headers.format == FORMAT_UNAVAILABLE and "offline" in headers.unavailable_reason

@@ -38,9 +38,7 @@ class CheckOptions:
             from tfbackend.memory import DTYPE_BYTES, normalise_dtype
 
             if normalise_dtype(self.dtype) not in DTYPE_BYTES:
-                raise UserError(
-                    f"--dtype {self.dtype!r} is not one of bfloat16, float16, float32"
-                )
+                raise UserError(f"--dtype {self.dtype!r} is not one of bfloat16, float16, float32")
 
 
 def check(model: str, options: CheckOptions):
@@ -94,7 +92,7 @@ def _weights_and_memory(facts: ModelFacts, plan, options: CheckOptions) -> dict:
     """Checkpoint headers against the model, and per-rank memory (sections "checkpoint", "memory")."""
     from tfbackend.inspect.checkpoint import read_headers
     from tfbackend.memory import estimate_memory, served_dtype
-    from tfbackend.replace.names import raw_text_config, compare_checkpoint
+    from tfbackend.replace.names import compare_checkpoint, raw_text_config
 
     out: dict = {}
     dtype = served_dtype(options.dtype, facts.config.dtype)

@@ -74,7 +74,7 @@ class MemoryEstimate:
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        for st, d in zip(self.stages, out["stages"]):
+        for st, d in zip(self.stages, out["stages"], strict=True):
             d.update(total_bytes=st.total_bytes, fits=st.fits, weights_fit=st.weights_fit)
         return out
 

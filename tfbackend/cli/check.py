@@ -40,10 +40,10 @@ def check(
     ignore: Optional[list[str]] = typer.Option(None, "--ignore", help="Skip these rule ids or prefixes."),
     strict: bool = typer.Option(False, "--strict", help="Warnings fail the check too."),
     dtype: Optional[str] = typer.Option(
-        None, "--dtype", help="Served dtype for memory and dtype checks (default: config's, else bfloat16)."
+        None, "--dtype", help="Served dtype (default: the config's; float32 → bfloat16 as vLLM)."
     ),
     max_model_len: Optional[int] = typer.Option(
-        None, "--max-model-len", help="Context length for the KV cache (default: config's, capped at 131072)."
+        None, "--max-model-len", help="KV cache context (default: the config's, capped at 131072)."
     ),
     gpu_memory: float = typer.Option(80.0, "--gpu-memory", help="GiB of memory per GPU."),
     no_checkpoint: bool = typer.Option(

@@ -201,7 +201,9 @@ def read_hub(
     return out
 
 
-def _read_hub_cache(repo_id: str, revision: str | None, out: CheckpointHeaders) -> CheckpointHeaders:
+def _read_hub_cache(
+    repo_id: str, revision: str | None, out: CheckpointHeaders
+) -> CheckpointHeaders:
     """Headers from files already in the hub cache; unavailable when they are not all there."""
     from huggingface_hub import try_to_load_from_cache
 

@@ -181,7 +181,9 @@ def loader_naming(facts: ModelFacts) -> LoaderNaming:
     cls = _model_class(facts)
     notes = []
     if cls is None:
-        notes.append(f"{facts.model_class} is not a transformers class: base prefix 'model' assumed")
+        notes.append(
+            f"{facts.model_class} is not a transformers class: base prefix 'model' assumed"
+        )
     children = []
     for m in facts.modules:
         name = m.qualname.removeprefix("model.")
@@ -193,7 +195,9 @@ def loader_naming(facts: ModelFacts) -> LoaderNaming:
     n_predict = next((int(raw[a]) for a in MTP_ATTRS if isinstance(raw.get(a), int)), 0)
     for m in facts.modules:
         if m.kind == MODULE_LIST and m.attrs.get("length") == num_layers:
-            ignore_prefixes += [f"{m.qualname}.{i}." for i in range(num_layers, num_layers + n_predict)]
+            ignore_prefixes += [
+                f"{m.qualname}.{i}." for i in range(num_layers, num_layers + n_predict)
+            ]
     return LoaderNaming(
         base_model_prefix=getattr(cls, "base_model_prefix", "model") if cls else "model",
         direct_children=children,

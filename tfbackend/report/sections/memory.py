@@ -27,8 +27,18 @@ def render(data, console: Console) -> None:
     )
     console.print(Text(head))
     t = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
-    for col in ("ranks", "stage", "layers", "weights", "largest", "KV/token", "KV@len", "total",
-                "tokens fit", "fits"):
+    for col in (
+        "ranks",
+        "stage",
+        "layers",
+        "weights",
+        "largest",
+        "KV/token",
+        "KV@len",
+        "total",
+        "tokens fit",
+        "fits",
+    ):
         t.add_column(col)
     for st in mem["stages"]:
         lo, hi = st["ranks"][0], st["ranks"][-1]
