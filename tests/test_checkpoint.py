@@ -307,3 +307,22 @@ def test_check_json_has_checkpoint_and_memory_sections(tmp_path):
     ckpt, mem = data["sections"]["checkpoint"], data["sections"]["memory"]
     assert ckpt["compared"] and ckpt["headers"]["num_tensors"] == ckpt["loaded"]
     assert mem["max_model_len"] == 128 and [s["ranks"] for s in mem["stages"]] == [[0, 1]]
+
+
+def test_gpt2_keys_to_ignore_pattern_drops_a_needed_bias(tmp_path):
+    # vLLM 0.32 applies GPT2Model._keys_to_ignore_on_load_unexpected ("attn.bias") with re.search
+    # to every key: "transformer.h.0.attn.c_attn.bias" matches and is dropped, then never loaded.
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    config = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=128, n_positions=128)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    report = check(str(tmp_path), CheckOptions())
+    cmp = _checkpoint(report)
+    assert set(cmp.dropped_but_needed) == {
+        "model.h.0.attn.c_attn.bias",
+        "model.h.1.attn.c_attn.bias",
+    }
+    assert not cmp.unexpected and cmp.renamed > 0  # transformer.* → model.*
+    (finding,) = [f for f in report.findings if f.rule_id == "TFB701"]
+    assert "dropped by the backend's loader" in finding.message

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
 from typing import Any
@@ -255,7 +255,3 @@ def read_headers(
     if source.local_dir:
         return read_local(source.local_dir)
     return CheckpointHeaders(location=source.location, origin="local", format=FORMAT_NONE)
-
-
-def headers_as_dict(headers: CheckpointHeaders) -> dict[str, Any]:
-    return asdict(headers)

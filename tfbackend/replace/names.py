@@ -109,6 +109,8 @@ class CheckpointComparison:
     ignored: list[TensorMatch] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
+    # missing parameters whose tensor is in the checkpoint but dropped by the loader → why
+    dropped_but_needed: dict[str, str] = field(default_factory=dict)
     shape_mismatches: list[ShapeMismatch] = field(default_factory=list)
     tied_lm_head: bool = False
     lm_head_in_checkpoint: bool = False
@@ -127,6 +129,7 @@ class CheckpointComparison:
             "ignored": [asdict(m) for m in self.ignored],
             "unexpected": list(self.unexpected),
             "missing": list(self.missing),
+            "dropped_but_needed": dict(self.dropped_but_needed),
             "shape_mismatches": [asdict(m) for m in self.shape_mismatches],
             "tied_lm_head": self.tied_lm_head,
             "lm_head_in_checkpoint": self.lm_head_in_checkpoint,
@@ -354,12 +357,15 @@ def compare_checkpoint(
             want = expected.get(target)
         if want is not None and list(tensor.shape) != list(want):
             result.shape_mismatches.append(ShapeMismatch(name, target, list(tensor.shape), want))
+    dropped = {m.target: m for m in result.ignored if m.target}
     for target in expected:
         if target in seen:
             continue
         need = _needed_pieces(experts, target)
         if need is None:
             result.missing.append(target)
+            if target in dropped:
+                result.dropped_but_needed[target] = dropped[target].reason
             continue
         have = pieces.get(target, set())
         if not have:
@@ -377,7 +383,11 @@ def _match(name, naming: LoaderNaming, expected, experts) -> TensorMatch:
         return TensorMatch(name, IGNORED, "lm_head.weight", "tied to the input embedding: skipped")
     target, why = backend_name(name, naming)
     if target is None:
-        return TensorMatch(name, IGNORED, None, why)
+        # Say which parameter it would have filled: vLLM applies the ignore patterns to every
+        # key (transformers only to unexpected ones), so they can drop a needed tensor.
+        unignored = LoaderNaming(**{**naming.__dict__, "ignore_regexes": []})
+        would_be, _ = backend_name(name, unignored)
+        return TensorMatch(name, IGNORED, would_be if would_be in expected else None, why)
     if target in expected or target == "lm_head.bias":
         return TensorMatch(name, LOADED, target, why)
     piece = _expert_piece(target, experts)

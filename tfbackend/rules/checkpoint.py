@@ -27,17 +27,33 @@ def _listed(names: list[str]) -> str:
 vLLM's default loader compares the parameters it loaded with the model's and raises
 `ValueError: Following weights were not initialized from checkpoint` for any left out. Names are
 compared after the backend's own mapping (transformers renames, base-model prefix, per-expert
-tensors merged into 3-D experts, a tied lm_head taken from the embedding).
+tensors merged into 3-D experts, a tied lm_head taken from the embedding). vLLM 0.32 applies the
+model's `_keys_to_ignore_on_load_unexpected` patterns with `re.search` to every key, not only to
+unexpected ones, so a pattern such as GPT-2's `attn.bias` also drops the real `c_attn.bias`.
 """,
     fix="use the checkpoint that matches this config (architecture, layer count, tie_word_embeddings)",
 )
 def missing_tensors(ctx, r):
     cmp = _comparison(ctx)
-    if cmp and cmp.missing:
+    if not cmp or not cmp.missing:
+        return
+    absent = [m for m in cmp.missing if m not in cmp.dropped_but_needed]
+    if absent:
         yield r.finding(
-            f"{len(cmp.missing)} parameter(s) not in the checkpoint: {_listed(cmp.missing)}",
-            modules=cmp.missing[:SHOWN],
-            missing=cmp.missing,
+            f"{len(absent)} parameter(s) not in the checkpoint: {_listed(absent)}",
+            modules=absent[:SHOWN],
+            missing=absent,
+        )
+    dropped = list(cmp.dropped_but_needed)
+    if dropped:
+        reasons = sorted(set(cmp.dropped_but_needed.values()))
+        yield r.finding(
+            f"{len(dropped)} parameter(s) in the checkpoint but dropped by the backend's loader "
+            f"({'; '.join(reasons)}), so never loaded: {_listed(dropped)}",
+            fix="vLLM applies _keys_to_ignore_on_load_unexpected to every key: report it to vLLM, "
+            "or run the model with vLLM's native implementation",
+            modules=dropped[:SHOWN],
+            missing=dropped,
         )
 
 
