@@ -20,12 +20,25 @@ class CheckOptions:
     select: list[str] = field(default_factory=list)
     ignore: list[str] = field(default_factory=list)
     strict: bool = False
+    dtype: str | None = None  # served dtype; default: the config's, else bfloat16
+    max_model_len: int | None = None  # default: config max_position_embeddings, capped
+    gpu_memory: float = 80.0  # GiB per GPU
+    no_checkpoint: bool = False  # skip reading the checkpoint's headers
 
     def validate(self) -> None:
         if self.tp < 1:
             raise UserError(f"--tp must be 1 or more, got {self.tp}")
         if self.pp < 1:
             raise UserError(f"--pp must be 1 or more, got {self.pp}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise UserError(f"--max-model-len must be 1 or more, got {self.max_model_len}")
+        if self.gpu_memory <= 0:
+            raise UserError(f"--gpu-memory must be a positive number of GiB, got {self.gpu_memory}")
+        if self.dtype is not None:
+            from tfbackend.memory import DTYPE_BYTES, normalise_dtype
+
+            if normalise_dtype(self.dtype) not in DTYPE_BYTES:
+                raise UserError(f"--dtype {self.dtype!r} is not one of bfloat16, float16, float32")
 
 
 def check(model: str, options: CheckOptions):
@@ -54,9 +67,12 @@ def check_facts(facts: ModelFacts, options: CheckOptions):
     options.validate()
     profile = select_profile(options.vllm_version, facts.versions.get("vllm"))
     plan = build_plan(facts, tp=options.tp, pp=options.pp, profile=profile)
-    ctx = RuleContext(facts=facts, plan=plan, profile=profile, tp=options.tp, pp=options.pp)
+    sections = _weights_and_memory(facts, plan, options)
+    ctx = RuleContext(
+        facts=facts, plan=plan, profile=profile, tp=options.tp, pp=options.pp, options=sections
+    )
     findings = sort_findings(run_rules(ctx, select=options.select, ignore=options.ignore))
-    return CheckReport(
+    report = CheckReport(
         summary=summarize(facts),
         tp=options.tp,
         pp=options.pp,
@@ -68,3 +84,27 @@ def check_facts(facts: ModelFacts, options: CheckOptions):
         verdict=verdict_of(findings, strict=options.strict),
         versions=facts.versions,
     )
+    report.sections.update(sections)
+    return report
+
+
+def _weights_and_memory(facts: ModelFacts, plan, options: CheckOptions) -> dict:
+    """Checkpoint headers against the model, and per-rank memory (sections "checkpoint", "memory")."""
+    from tfbackend.inspect.checkpoint import read_headers
+    from tfbackend.memory import estimate_memory, served_dtype
+    from tfbackend.replace.names import compare_checkpoint, raw_text_config
+
+    out: dict = {}
+    dtype = served_dtype(options.dtype, facts.config.dtype)
+    if not options.no_checkpoint:
+        headers = read_headers(facts.source, token=options.token, offline=options.offline)
+        out["checkpoint"] = compare_checkpoint(headers, facts, served_dtype=dtype)
+    out["memory"] = estimate_memory(
+        facts,
+        plan,
+        dtype=dtype,
+        max_model_len=options.max_model_len,
+        gpu_memory_gib=options.gpu_memory,
+        raw_config=raw_text_config(facts),
+    )
+    return out

@@ -44,6 +44,16 @@ def check(
         None, "--ignore", help="Skip these rule ids or prefixes."
     ),
     strict: bool = typer.Option(False, "--strict", help="Warnings fail the check too."),
+    dtype: str | None = typer.Option(
+        None, "--dtype", help="Served dtype (default: the config's; float32 → bfloat16 as vLLM)."
+    ),
+    max_model_len: int | None = typer.Option(
+        None, "--max-model-len", help="KV cache context (default: the config's, capped at 131072)."
+    ),
+    gpu_memory: float = typer.Option(80.0, "--gpu-memory", help="GiB of memory per GPU."),
+    no_checkpoint: bool = typer.Option(
+        False, "--no-checkpoint", help="Do not read the checkpoint's safetensors headers."
+    ),
     json_out: bool = typer.Option(
         False, "--json", help="Print the JSON report only (schema in docs/json-schema.md)."
     ),
@@ -76,6 +86,10 @@ def check(
                 select=_split(select),
                 ignore=_split(ignore),
                 strict=strict,
+                dtype=dtype,
+                max_model_len=max_model_len,
+                gpu_memory=gpu_memory,
+                no_checkpoint=no_checkpoint,
             ),
         )
         _write_files(report, model, json_file, junit, markdown)
