@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -210,10 +211,15 @@ def _run_ranks(local_dir, plan, prompts, options, report, progress, reference_ca
         "running",
         f"{world} processes ({'nccl' if options.device == 'cuda' else 'gloo'})",
     )
-    spawn_ctx = mp.get_context("spawn")
-    queue = spawn_ctx.SimpleQueue()
+    # spawn by default (safe with CUDA); forkserver (TFBACKEND_START_METHOD) forks ranks from a
+    # server that imported torch and transformers once, which makes repeated runs (tests) fast.
+    method = os.environ.get("TFBACKEND_START_METHOD", "spawn")
+    start_ctx = mp.get_context(method)
+    if method == "forkserver":
+        start_ctx.set_forkserver_preload(["torch", "transformers", "tfbackend.parity.workers"])
+    queue = start_ctx.SimpleQueue()
     procs = mp.start_processes(
-        rank_main, args=(job, queue), nprocs=world, join=False, start_method="spawn"
+        rank_main, args=(job, queue), nprocs=world, join=False, start_method=method
     )
     try:
         _wait(procs, queue, options.timeout_s, t0, world, out, progress)
