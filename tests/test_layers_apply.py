@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests._run_models import tiny_config, write_model
+from tests._run_models import write_model
 from tfbackend.parity.weights import CheckpointReader
 from tfbackend.replace.layers import ColumnParallelLinear, ParallelContext, Shard
 

@@ -32,7 +32,8 @@ def _opts(**kw) -> RunOptions:
 
 
 @pytest.mark.parametrize(
-    "kind,tp,pp", [("llama", 2, 1), ("llama", 1, 2), ("gemma3", 2, 1), ("qwen3moe", 2, 1), ("qwen3moe", 1, 2)]
+    "kind,tp,pp",
+    [("llama", 2, 1), ("llama", 1, 2), ("gemma3", 2, 1), ("qwen3moe", 2, 1), ("qwen3moe", 1, 2)],
 )
 def test_wrapped_model_matches_reference(models, kind, tp, pp):
     report = run(str(models[kind]), _opts(tp=tp, pp=pp, max_prompts=2))
@@ -63,7 +64,18 @@ def _cli(*args, timeout=240):
 
 
 def test_cli_json_reports_a_pass_with_exit_0(models):
-    proc = _cli(str(models["llama"]), "--tp", "2", "--device", "cpu", "--dtype", "float32", "--max-prompts", "1", "--json")
+    proc = _cli(
+        str(models["llama"]),
+        "--tp",
+        "2",
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--max-prompts",
+        "1",
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert data["verdict"] == "pass" and data["tp"] == 2 and len(data["ranks"]) == 2
@@ -81,7 +93,9 @@ def test_a_failing_rank_stops_all_and_the_error_surfaces_once(models, tmp_path):
     tensors = load_file(broken / "model.safetensors")
     del tensors["model.layers.1.mlp.down_proj.weight"]
     save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
-    proc = _cli(str(broken), "--tp", "2", "--device", "cpu", "--dtype", "float32", "--max-prompts", "1")
+    proc = _cli(
+        str(broken), "--tp", "2", "--device", "cpu", "--dtype", "float32", "--max-prompts", "1"
+    )
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "failed during load" in errors[0] and "down_proj" in errors[0]
