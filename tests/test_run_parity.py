@@ -40,12 +40,9 @@ def test_wrapped_model_matches_reference(models, kind, tp, pp):
     assert report.verdict == "pass", report.failures
     assert all(m.top1_agreement == 1.0 for m in report.prompts)
     assert len(report.ranks) == tp * pp and all(r.shard_bytes > 0 for r in report.ranks)
-
-
-def test_sharded_ranks_read_only_their_slices(models):
-    report = run(str(models["llama"]), _opts(tp=2, max_prompts=1))
-    total = sum(f.stat().st_size for f in Path(models["llama"]).glob("*.safetensors"))
-    assert all(r.bytes_read < 0.75 * total for r in report.ranks)
+    # Every rank reads its own slices, never the whole checkpoint.
+    total = sum(f.stat().st_size for f in Path(models[kind]).glob("*.safetensors"))
+    assert all(r.bytes_read < 0.8 * total for r in report.ranks)
 
 
 def test_wrong_plan_fails_and_bisect_names_o_proj_of_layer_0(models):
