@@ -1,0 +1,67 @@
+"""`tfbackend run`: the wrapped model on real devices, logits compared with plain transformers."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from tfbackend.cli.app import app
+from tfbackend.cli.errors import user_errors
+
+
+@app.command()
+def run(
+    model: str = typer.Argument(
+        ..., help="A local folder with config.json and safetensors, or a hub id."
+    ),
+    tp: int = typer.Option(1, "--tp", help="Tensor parallel size (ranks per stage)."),
+    pp: int = typer.Option(1, "--pp", help="Pipeline parallel size (stages)."),
+    device: str = typer.Option(
+        "cuda", "--device", help="cuda (NCCL, one GPU per rank) or cpu (gloo)."
+    ),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="float32, bfloat16 or float16."),
+    reference_dtype: str | None = typer.Option(
+        None, "--reference-dtype", help="Reference dtype (default: --dtype), e.g. float32."
+    ),
+    prompts: str | None = typer.Option(
+        None,
+        "--prompts",
+        help="A text file (one prompt per line) or a JSON list of strings or token-id lists.",
+    ),
+    max_prompts: int | None = typer.Option(
+        None, "--max-prompts", help="Use only the first N prompts."
+    ),
+    bisect: bool = typer.Option(
+        False, "--bisect", help="On failure, name the first module whose output diverges."
+    ),
+    timeout: float = typer.Option(600.0, "--timeout", help="Seconds before the ranks are stopped."),
+    engine: str = typer.Option(
+        "native", "--engine", help="native (tfbackend's layers) or vllm (needs the vllm extra)."
+    ),
+    offline: bool = typer.Option(False, "--offline", help="Use the local hub cache only."),
+    trust_remote_code: bool = typer.Option(
+        False, "--trust-remote-code", help="Allow the repo's own modelling code."
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Print the JSON report only."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Build the wrapped model per rank and compare its logits with plain transformers."""
+    from tfbackend.parity.runner import RunOptions
+    from tfbackend.parity.runner import run as run_parity
+    from tfbackend.report.run_console import live_progress, render_run
+
+    options = RunOptions(
+        tp=tp, pp=pp, device=device, dtype=dtype, reference_dtype=reference_dtype,
+        prompts_file=prompts, max_prompts=max_prompts, bisect=bisect, timeout_s=timeout,
+        engine=engine, offline=offline or None, trust_remote_code=trust_remote_code,
+    )  # fmt: skip
+    with user_errors(debug), live_progress() as progress:
+        report = run_parity(model, options, progress)
+    if json_out:
+        import json
+
+        sys.stdout.write(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+    else:
+        render_run(report)
+    raise typer.Exit(report.exit_code)

@@ -1,0 +1,1 @@
+"""`tfbackend run`: build the wrapped model per rank and compare its logits with plain HF."""

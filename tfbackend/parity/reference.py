@@ -1,0 +1,60 @@
+"""Reference logits from plain transformers on one device, computed before the ranks start and
+freed afterwards, so a model that fits TP-sharded need not fit twice."""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from tfbackend.parity.bisect import Recorder
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ATTN_IMPLEMENTATION = "sdpa"  # the same kernel on both sides
+
+
+@dataclass
+class Reference:
+    logits: list[torch.Tensor]  # float32 on CPU, one [positions, vocab] per prompt
+    load_s: float
+    forward_s: float
+    peak_bytes: int | None
+    captures: dict[str, torch.Tensor] = field(default_factory=dict)  # prompt 0, by module
+
+
+def compute_reference(
+    model_dir: str, prompts, *, dtype: str, device: str, capture: bool = False
+) -> Reference:
+    from transformers import AutoModelForCausalLM
+
+    dev = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=DTYPES[dtype], attn_implementation=ATTN_IMPLEMENTATION
+    )
+    model = model.to(dev).eval()  # device_map would need accelerate
+    load_s = time.perf_counter() - t0
+    logits, captures = [], {}
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for i, prompt in enumerate(prompts):
+            recorder = Recorder(model) if capture and i == 0 else None
+            ids = torch.tensor([prompt.ids], device=dev)
+            out = model(input_ids=ids, use_cache=False).logits[0]
+            logits.append(out.float().cpu())
+            if recorder:
+                recorder.remove()
+                captures = {name: t for name, t, _ in recorder.outputs}
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    forward_s = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
+    del model
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return Reference(logits, load_s, forward_s, peak, captures)

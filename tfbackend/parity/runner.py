@@ -1,0 +1,378 @@
+"""The `run` pipeline: resolve → plan → reference → spawn ranks → compare → verdict. No printing:
+progress goes to a callback, results into a RunReport."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tfbackend.errors import RunError, UserError
+from tfbackend.parity.bisect import Divergence
+from tfbackend.parity.metrics import PromptMetrics
+from tfbackend.parity.workers import RankStats
+
+PHASES = ("resolve", "reference", "spawn ranks", "load shards", "forward", "compare")
+Progress = Callable[[str, str, str], None]  # (phase, status, detail)
+
+
+@dataclass
+class RunOptions:
+    tp: int = 1
+    pp: int = 1
+    device: str = "cuda"
+    dtype: str = "bfloat16"
+    reference_dtype: str | None = None
+    prompts_file: str | None = None
+    max_prompts: int | None = None
+    bisect: bool = False
+    timeout_s: float = 600.0
+    engine: str = "native"
+    offline: bool | None = None
+    trust_remote_code: bool = False
+
+    def validate(self) -> None:
+        if self.tp < 1 or self.pp < 1:
+            raise UserError("--tp and --pp must be 1 or more")
+        if self.device not in ("cpu", "cuda"):
+            raise UserError(f"--device must be cpu or cuda, got {self.device!r}")
+        for d in (self.dtype, self.reference_dtype or self.dtype):
+            if d not in ("float32", "bfloat16", "float16"):
+                raise UserError(f"dtype must be float32, bfloat16 or float16, got {d!r}")
+        if self.engine not in ("native", "vllm"):
+            raise UserError(f"--engine must be native or vllm, got {self.engine!r}")
+
+
+@dataclass
+class RunReport:
+    model: str
+    engine: str
+    tp: int
+    pp: int
+    device: str
+    dtype: str
+    reference_dtype: str
+    profile: str
+    prompt_source: str = ""
+    prompts: list[PromptMetrics] = field(default_factory=list)
+    failures: dict[str, list[str]] = field(default_factory=dict)
+    verdict: str = "pass"  # "pass" | "fail"
+    thresholds: dict = field(default_factory=dict)
+    ranks: list[RankStats] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)
+    reference_peak_bytes: int | None = None
+    divergence: Divergence | None = None
+    model_error: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.verdict == "pass" else 1
+
+    def to_dict(self) -> dict:
+        return {"schema": "tfbackend.run/1", **asdict(self), "exit_code": self.exit_code}
+
+
+def run_profile():
+    """Per-linear tp_plan semantics (vLLM 0.11) so fusion work in the planner does not change what
+    `run` applies; transformers-5 3-D experts are fused as 0.32 does, since that is the only MoE
+    layout transformers 5 builds."""
+    from tfbackend.replace.profiles import PROFILES
+
+    return dataclasses.replace(PROFILES["vllm-0.11"], moe_layouts=("module_list", "fused_3d"))
+
+
+def _noop(phase: str, status: str, detail: str = "") -> None:
+    pass
+
+
+def run(model: str, options: RunOptions, progress: Progress = _noop) -> RunReport:
+    options.validate()
+    ref_dtype = options.reference_dtype or options.dtype
+    phases: dict[str, float] = {}
+    t = time.perf_counter()
+    progress("resolve", "running", model)
+    local_dir, facts, plan, config = _resolve(model, options)
+    phases["resolve"] = time.perf_counter() - t
+    progress("resolve", "done", f"{facts.causal_lm_class}, {len(plan.entries)} plan entries")
+    report = RunReport(
+        model=model, engine=options.engine, tp=options.tp, pp=options.pp, device=options.device,
+        dtype=options.dtype, reference_dtype=ref_dtype, profile=plan.profile, phases=phases,
+    )  # fmt: skip
+
+    from tfbackend.parity.prompts import build_prompts
+
+    prompts, report.prompt_source = build_prompts(
+        local_dir, config, prompts_file=options.prompts_file, limit=options.max_prompts
+    )
+
+    t = time.perf_counter()
+    progress("reference", "running", f"plain transformers, {ref_dtype}, {len(prompts)} prompts")
+    from tfbackend.parity.reference import compute_reference
+
+    reference = compute_reference(
+        local_dir, prompts, dtype=ref_dtype, device=options.device, capture=options.bisect
+    )
+    phases["reference"] = time.perf_counter() - t
+    report.reference_peak_bytes = reference.peak_bytes
+    progress(
+        "reference", "done", f"load {reference.load_s:.1f}s, forward {reference.forward_s:.2f}s"
+    )
+    phases["reference forward"] = reference.forward_s
+
+    if options.engine == "vllm":
+        from tfbackend.parity.engine_vllm import run_vllm
+
+        return run_vllm(local_dir, prompts, reference, options, report, progress)
+
+    logits, captures = _run_ranks(
+        local_dir, plan, prompts, options, report, progress, reference.captures
+    )
+    t = time.perf_counter()
+    progress("compare", "running", "")
+    _judge(report, prompts, reference.logits, logits, options.dtype)
+    if options.bisect and (report.verdict == "fail") and captures is not None:
+        from tfbackend.parity.bisect import first_divergence
+
+        report.divergence = report.divergence or first_divergence(
+            reference.captures, captures, options.dtype
+        )
+    if report.divergence:
+        report.divergence.plan_entry = _plan_entry(plan, report.divergence.module)
+    phases["compare"] = time.perf_counter() - t
+    progress("compare", "done", report.verdict)
+    return report
+
+
+def _resolve(model: str, options: RunOptions):
+    from transformers import AutoConfig
+
+    from tfbackend.inspect import facts_from_source
+    from tfbackend.inspect.resolve import resolve
+    from tfbackend.replace.planner import build_plan
+
+    source = resolve(model, offline=options.offline)
+    local_dir = source.local_dir
+    if source.kind == "hub":
+        from huggingface_hub import snapshot_download
+
+        local_dir = snapshot_download(
+            source.repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]
+        )
+    facts = facts_from_source(source, trust_remote_code=options.trust_remote_code)
+    plan = build_plan(facts, tp=options.tp, pp=options.pp, profile=run_profile())
+    _check_runnable(facts, plan, options)
+    config = AutoConfig.from_pretrained(local_dir, trust_remote_code=options.trust_remote_code)
+    return local_dir, facts, plan, config
+
+
+def _check_runnable(facts, plan, options: RunOptions) -> None:
+    cfg = facts.config
+    world = options.tp * options.pp
+    if options.device == "cuda":
+        import torch
+
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if have < world:
+            raise UserError(
+                f"--tp {options.tp} --pp {options.pp} needs {world} GPUs, {have} visible: "
+                "use fewer, or --device cpu"
+            )
+    if options.pp > 1 and not plan.stages:
+        raise UserError(f"--pp {options.pp}: no pipeline split ({'; '.join(plan.notes)})")
+    heads, kv = cfg.num_attention_heads or 0, cfg.num_key_value_heads or 0
+    if options.tp > 1 and heads and heads % options.tp:
+        raise UserError(f"{heads} attention heads do not split over --tp {options.tp}")
+    if options.tp > 1 and kv and kv % options.tp and options.tp % kv:
+        raise UserError(f"{kv} kv heads neither split over nor replicate onto --tp {options.tp}")
+
+
+def _run_ranks(local_dir, plan, prompts, options, report, progress, reference_captures):
+    import torch.multiprocessing as mp
+
+    from tfbackend.parity.workers import RankJob, free_port, rank_main
+
+    world = options.tp * options.pp
+    out = Path(tempfile.mkdtemp(prefix="tfbackend-run-"))
+    job = RankJob(
+        model_dir=local_dir, plan=plan, tp=options.tp, pp=options.pp, device=options.device,
+        dtype=options.dtype, prompts=[p.ids for p in prompts], port=free_port(),
+        out_dir=str(out), timeout_s=options.timeout_s, bisect=options.bisect,
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    progress(
+        "spawn ranks",
+        "running",
+        f"{world} processes ({'nccl' if options.device == 'cuda' else 'gloo'})",
+    )
+    # spawn by default (safe with CUDA); forkserver (TFBACKEND_START_METHOD) forks ranks from a
+    # server that imported torch and transformers once, which makes repeated runs (tests) fast.
+    method = os.environ.get("TFBACKEND_START_METHOD", "spawn")
+    start_ctx = mp.get_context(method)
+    if method == "forkserver":
+        start_ctx.set_forkserver_preload(["torch", "transformers", "tfbackend.parity.workers"])
+    queue = start_ctx.SimpleQueue()
+    procs = mp.start_processes(
+        rank_main, args=(job, queue), nprocs=world, join=False, start_method=method
+    )
+    try:
+        _wait(procs, queue, options.timeout_s, t0, world, out, progress)
+        report.phases["ranks"] = time.perf_counter() - t0
+        report.ranks = [
+            RankStats(**json.loads((out / f"rank{r}.json").read_text())) for r in range(world)
+        ]
+        logits = _load(out / "logits.pt")
+        captures = None
+        if options.bisect:
+            captures = [x for s in range(options.pp) for x in _load(out / f"capture{s}.pt") or []]
+        return logits, captures
+    except _ModelFailure as failure:
+        report.verdict = "fail"
+        report.model_error = failure.record["message"]
+        report.phases["ranks"] = time.perf_counter() - t0
+        captures = None
+        if options.bisect:
+            captures = [x for s in range(options.pp) for x in _load(out / f"capture{s}.pt") or []]
+        report.divergence = Divergence(
+            failure.record["module"] or "?", None, failure.record["message"]
+        )
+        if captures is not None:
+            from tfbackend.parity.bisect import first_divergence
+
+            report.divergence = first_divergence(
+                reference_captures, captures, options.dtype,
+                raised_in=failure.record["module"], error=failure.record["message"],
+            ) or report.divergence  # fmt: skip
+        return None, None
+    finally:
+        _stop(procs)
+        shutil.rmtree(out, ignore_errors=True)
+
+
+class _ModelFailure(Exception):
+    def __init__(self, record: dict):
+        super().__init__(record["message"])
+        self.record = record
+
+
+def _wait(procs, queue, timeout_s, t0, world, out: Path, progress) -> None:
+    import torch.multiprocessing as mp
+
+    seen: dict[int, str] = {}
+    shown: set[str] = set()
+    deadline = t0 + timeout_s
+    while True:
+        while not queue.empty():
+            rank, phase = queue.get()
+            seen[rank] = phase
+            for ph, label in (
+                ("load", "spawn ranks"),
+                ("forward", "load shards"),
+                ("done", "forward"),
+            ):
+                if (
+                    label not in shown
+                    and len(seen) == world
+                    and all(_after(p, ph) for p in seen.values())
+                ):
+                    shown.add(label)
+                    progress(label, "done", "")
+            if "spawn ranks" in shown and "load shards" not in shown:
+                progress(
+                    "load shards",
+                    "running",
+                    f"{sum(p == 'forward' for p in seen.values())}/{world} ranks loaded",
+                )
+        try:
+            if procs.join(timeout=0.2):
+                return
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
+            record = _first_error(out)
+            if record and record["kind"] == "model":
+                raise _ModelFailure(record) from None
+            if record:
+                raise RunError(
+                    f"rank {record['rank']} failed during {record['phase']}: {record['message']}"
+                ) from None
+            raise RunError(f"a rank died: {str(exc).strip().splitlines()[-1]}") from None
+        if time.perf_counter() > deadline:
+            stuck = {r: p for r, p in seen.items() if p != "done"}
+            raise RunError(
+                f"timed out after {timeout_s:.0f}s (--timeout); ranks still running: "
+                + (", ".join(f"rank {r} in {p}" for r, p in sorted(stuck.items())) or "not started")
+            )
+
+
+_ORDER = ("init", "build", "load", "forward", "done")
+
+
+def _after(phase: str, target: str) -> bool:
+    return _ORDER.index(phase) >= _ORDER.index(target)
+
+
+def _first_error(out: Path) -> dict | None:
+    """The error that started it: the earliest, preferring a real error over the collective
+    failures it causes on the other ranks."""
+    records = [json.loads(p.read_text()) for p in out.glob("rank*.error.json")]
+    if not records:
+        return None
+    records.sort(key=lambda r: (r["kind"] in ("collective", "interrupted"), r["time"]))
+    return records[0]
+
+
+def _stop(procs) -> None:
+    """Terminate, then kill, every rank still alive: no orphans."""
+    for p in procs.processes:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.time() + 5
+    for p in procs.processes:
+        p.join(timeout=max(0.1, deadline - time.time()))
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=5)
+
+
+def _load(path: Path):
+    import torch
+
+    return torch.load(path, weights_only=True) if path.is_file() else None
+
+
+def _judge(report: RunReport, prompts, ref_logits, logits, dtype: str) -> None:
+    from tfbackend.parity.metrics import compare_logits
+    from tfbackend.parity.verdict import judge, thresholds_for
+
+    th = thresholds_for(dtype)
+    report.thresholds = asdict(th)
+    if logits is None:  # the wrapped model raised
+        report.verdict = "fail"
+        return
+    for prompt, ref, test in zip(prompts, ref_logits, logits, strict=True):
+        m = compare_logits(prompt.name, ref, test)
+        report.prompts.append(m)
+        why = judge(m, th)
+        if why:
+            report.failures[prompt.name] = why
+    report.verdict = "fail" if report.failures else "pass"
+
+
+def _plan_entry(plan, module: str) -> dict | None:
+    """The plan entry for a module name (or the nearest enclosing one)."""
+    name = (
+        module
+        if module == "lm_head" or module.startswith("lm_head")
+        else "model." + module.split(".", 1)[-1]
+    )
+    while name:
+        entry = plan.entry_for(name)
+        if entry:
+            return {k: v for k, v in asdict(entry).items() if k != "params"}
+        name = name.rpartition(".")[0]
+    return None
