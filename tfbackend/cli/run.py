@@ -39,6 +39,10 @@ def run(
     engine: str = typer.Option(
         "native", "--engine", help="native (tfbackend's layers) or vllm (needs the vllm extra)."
     ),
+    revision: str | None = typer.Option(None, "--revision", help="Hub branch, tag or commit."),
+    token: str | None = typer.Option(
+        None, "--token", envvar="HF_TOKEN", help="Hub token for gated or private repos."
+    ),
     offline: bool = typer.Option(False, "--offline", help="Use the local hub cache only."),
     trust_remote_code: bool = typer.Option(
         False, "--trust-remote-code", help="Allow the repo's own modelling code."
@@ -55,6 +59,7 @@ def run(
         tp=tp, pp=pp, device=device, dtype=dtype, reference_dtype=reference_dtype,
         prompts_file=prompts, max_prompts=max_prompts, bisect=bisect, timeout_s=timeout,
         engine=engine, offline=offline or None, trust_remote_code=trust_remote_code,
+        revision=revision, token=token,
     )  # fmt: skip
     with user_errors(debug), live_progress() as progress:
         report = run_parity(model, options, progress)

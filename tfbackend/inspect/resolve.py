@@ -6,6 +6,7 @@ Everything that talks to the hub goes through `huggingface_hub`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
@@ -69,13 +70,29 @@ def _resolve_hub(
     if offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
     import huggingface_hub
-    from huggingface_hub import errors as hf_errors
 
     token = token or os.environ.get("HF_TOKEN") or None
-    try:
+    with hub_errors(repo_id, revision):
         config = huggingface_hub.hf_hub_download(
             repo_id, CONFIG_NAME, revision=revision, token=token
         )
+    return SourceInfo(
+        kind="hub",
+        location=repo_id,
+        config_path=config,
+        repo_id=repo_id,
+        revision=revision,
+        local_dir=str(Path(config).parent),
+    )
+
+
+@contextlib.contextmanager
+def hub_errors(repo_id: str, revision: str | None, what: str = CONFIG_NAME):
+    """huggingface_hub's exceptions → one-line SourceErrors that say what to do."""
+    from huggingface_hub import errors as hf_errors
+
+    try:
+        yield
     except hf_errors.GatedRepoError as exc:
         raise SourceError(
             f"{repo_id} is gated: accept its licence on the hub, then pass --token or set HF_TOKEN"
@@ -92,7 +109,7 @@ def _resolve_hub(
             "network): connect, or download it first with `hf download`"
         ) from exc
     except hf_errors.EntryNotFoundError as exc:
-        raise SourceError(f"{repo_id} has no {CONFIG_NAME} at that revision") from exc
+        raise SourceError(f"{repo_id} has no {what} at that revision") from exc
     except (hf_errors.OfflineModeIsEnabled, OSError) as exc:
         raise SourceError(
             f"cannot reach the hub for {repo_id} ({type(exc).__name__}): check the network or "
@@ -100,11 +117,3 @@ def _resolve_hub(
         ) from exc
     except hf_errors.HfHubHTTPError as exc:
         raise SourceError(f"the hub refused {repo_id}: {str(exc).splitlines()[0]}") from exc
-    return SourceInfo(
-        kind="hub",
-        location=repo_id,
-        config_path=config,
-        repo_id=repo_id,
-        revision=revision,
-        local_dir=str(Path(config).parent),
-    )

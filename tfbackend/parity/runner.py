@@ -36,6 +36,8 @@ class RunOptions:
     engine: str = "native"
     offline: bool | None = None
     trust_remote_code: bool = False
+    revision: str | None = None
+    token: str | None = None
 
     def validate(self) -> None:
         if self.tp < 1 or self.pp < 1:
@@ -75,8 +77,24 @@ class RunReport:
     def exit_code(self) -> int:
         return 0 if self.verdict == "pass" else 1
 
+    def worst(self) -> dict[str, float]:
+        """The worst value of each metric over the prompts: what a baseline compares."""
+        lows = ("top1_agreement", "topk_containment")
+        highs = ("kl_mean", "kl_max", "max_dlogprob_topk", "max_dlogit")
+        out: dict[str, float] = {}
+        for name in lows + highs:
+            values = [getattr(p, name) for p in self.prompts if getattr(p, name) is not None]
+            if values:
+                out[name] = min(values) if name in lows else max(values)
+        return out
+
     def to_dict(self) -> dict:
-        return {"schema": "tfbackend.run/1", **asdict(self), "exit_code": self.exit_code}
+        return {
+            "schema": "tfbackend.run/1",
+            **asdict(self),
+            "metrics": self.worst(),
+            "exit_code": self.exit_code,
+        }
 
 
 def run_profile():
@@ -157,14 +175,21 @@ def _resolve(model: str, options: RunOptions):
     from tfbackend.inspect.resolve import resolve
     from tfbackend.replace.planner import build_plan
 
-    source = resolve(model, offline=options.offline)
+    source = resolve(model, revision=options.revision, token=options.token, offline=options.offline)
     local_dir = source.local_dir
     if source.kind == "hub":
         from huggingface_hub import snapshot_download
 
-        local_dir = snapshot_download(
-            source.repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]
-        )
+        from tfbackend.inspect.resolve import hub_errors
+
+        # Weights are needed to prove parity: safetensors only, never pickles.
+        with hub_errors(source.repo_id, options.revision, "safetensors weights"):
+            local_dir = snapshot_download(
+                source.repo_id,
+                revision=options.revision,
+                token=options.token,
+                allow_patterns=["*.json", "*.safetensors", "tokenizer*"],
+            )
     facts = facts_from_source(source, trust_remote_code=options.trust_remote_code)
     plan = build_plan(facts, tp=options.tp, pp=options.pp, profile=run_profile())
     _check_runnable(facts, plan, options)
