@@ -56,7 +56,9 @@ def main() -> int:
     ap.add_argument("--models-dir", default="/tmp/tfbackend-bench-models")
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--timeout", type=int, default=540)
+    ap.add_argument("--out-name", default=None, help="results file stem (default: by layout)")
     args = ap.parse_args()
+    stem = args.out_name or f"run_parity_tp{args.tp}_pp{args.pp}_{args.device}"
 
     import torch
 
@@ -107,8 +109,8 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     meta = {"tp": args.tp, "pp": args.pp, "device": args.device, "dtype": args.dtype,
             "torch": torch.__version__, "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}  # fmt: skip
-    (out / "run_parity.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    (out / "run_parity.md").write_text(to_markdown(meta, rows))
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    (out / f"{stem}.md").write_text(to_markdown(meta, rows))
     print(to_markdown(meta, rows))
     return 0 if all(r.get("verdict") == "pass" for r in rows) else 1
 
