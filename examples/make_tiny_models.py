@@ -1,6 +1,7 @@
 """Regenerate the tiny models shipped in examples/models (fixed seed: the bytes are reproducible).
 
-Random weights with a wide init so logits are spread out (no near-ties for parity runs).
+Random weights with an init that spreads logits (no near-ties for parity runs), saved in bfloat16
+as most hub checkpoints are.
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import LlamaConfig
+
+from tfbackend.parity.synthetic import make_random_model
 
 HERE = Path(__file__).parent / "models"
 
@@ -25,15 +28,8 @@ def tiny_llama(out: Path) -> None:
         max_position_embeddings=256,
         tie_word_embeddings=False,
         architectures=["LlamaForCausalLM"],
-        dtype="float32",
     )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.normal_(0.0, 0.15)
-    model.save_pretrained(out, safe_serialization=True)
+    make_random_model(config, out, seed=0, dtype=torch.bfloat16)
 
 
 if __name__ == "__main__":

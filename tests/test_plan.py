@@ -131,5 +131,5 @@ def test_plan_is_json_serialisable_and_deterministic():
 
 
 def test_check_facts_gives_a_verdict():
-    report = check_facts(tiny.facts(tiny.llama()), CheckOptions(tp=2, vllm_version="vllm-0.11"))
+    report = check_facts(tiny.facts(tiny.llama()), CheckOptions(tp=2))
     assert report.verdict.value == "PASS"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any
 
 from tfbackend import __version__
@@ -75,5 +75,18 @@ class CheckReport:
             "findings": [f.to_dict() for f in self.findings],
             "plan": self.plan.to_dict(),
             "plan_groups": [asdict(g) for g in self.groups],
-            "sections": self.sections,
+            "sections": {name: plain(value) for name, value in self.sections.items()},
         }
+
+
+def plain(value: Any) -> Any:
+    """Sections hold dataclasses; the report's dict form holds only JSON types."""
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    if is_dataclass(value) and not isinstance(value, type):
+        return asdict(value)
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
