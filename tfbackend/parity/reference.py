@@ -31,6 +31,9 @@ def compute_reference(
 
     dev = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
     if dev.type == "cuda":
+        # Memory stats need a live context ("Invalid device argument : did you call init?").
+        torch.cuda.set_device(dev)
+        torch.empty(0, device=dev)
         torch.cuda.reset_peak_memory_stats(dev)
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(

@@ -85,6 +85,8 @@ def rank_main(local: int, job: RankJob, queue) -> None:
         t = enter("init")
         if job.device == "cuda":
             torch.cuda.set_device(rank)
+            # Memory stats need a live context ("Invalid device argument : did you call init?").
+            torch.empty(0, device=f"cuda:{rank}")
             torch.cuda.reset_peak_memory_stats()
         device = torch.device("cuda", rank) if job.device == "cuda" else torch.device("cpu")
         dist.init_process_group(
