@@ -19,6 +19,11 @@ def spread_init_(model: torch.nn.Module, seed: int = 0, logit_scale: float = 4.0
     def normal(p: torch.Tensor, std: float) -> None:
         p.copy_((torch.randn(p.shape, generator=gen) * std).to(p.dtype))
 
+    # A tied lm_head is the embedding table: give it the lm_head's scale, or a std-1 table makes
+    # logits so peaked (std ~ sqrt(hidden)) that KL and containment measure nothing.
+    tied = model.get_output_embeddings() is not None and (
+        model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    )
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 1:
@@ -27,7 +32,7 @@ def spread_init_(model: torch.nn.Module, seed: int = 0, logit_scale: float = 4.0
                 else:  # norm weights: keep each variant's neutral value, plus noise
                     p.add_((torch.randn(p.shape, generator=gen) * 0.1).to(p.dtype))
             elif "embed" in name:
-                normal(p, 1.0)
+                normal(p, logit_scale / math.sqrt(p.shape[-1]) if tied else 1.0)
             elif name.startswith("lm_head"):
                 normal(p, logit_scale / math.sqrt(p.shape[-1]))
             elif p.dim() == 2 and name.endswith("gate.weight"):  # MoE router: spread its choices
