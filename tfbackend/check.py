@@ -20,6 +20,8 @@ class CheckOptions:
     select: list[str] = field(default_factory=list)
     ignore: list[str] = field(default_factory=list)
     strict: bool = False
+    with_vllm: bool = False
+    vllm_timeout: float = 300.0
 
     def validate(self) -> None:
         if self.tp < 1:
@@ -55,6 +57,13 @@ def check_facts(facts: ModelFacts, options: CheckOptions):
     profile = select_profile(options.vllm_version, facts.versions.get("vllm"))
     plan = build_plan(facts, tp=options.tp, pp=options.pp, profile=profile)
     ctx = RuleContext(facts=facts, plan=plan, profile=profile, tp=options.tp, pp=options.pp)
+    sections = {}
+    if options.with_vllm:
+        from tfbackend.vllm_bridge import cross_check
+
+        agreement = cross_check(facts, plan, timeout=options.vllm_timeout)
+        ctx.options["vllm_agreement"] = agreement
+        sections["vllm_agreement"] = agreement.to_dict()
     findings = sort_findings(run_rules(ctx, select=options.select, ignore=options.ignore))
     return CheckReport(
         summary=summarize(facts),
@@ -67,4 +76,5 @@ def check_facts(facts: ModelFacts, options: CheckOptions):
         findings=findings,
         verdict=verdict_of(findings, strict=options.strict),
         versions=facts.versions,
+        sections=sections,
     )

@@ -40,6 +40,9 @@ def check(
     ignore: Optional[list[str]] = typer.Option(None, "--ignore", help="Skip these rule ids or prefixes."),
     strict: bool = typer.Option(False, "--strict", help="Warnings fail the check too."),
     json_out: bool = typer.Option(False, "--json", help="Print the JSON report only (schema in docs/json-schema.md)."),
+    with_vllm: bool = typer.Option(
+        False, "--with-vllm", help="Also build the model with the installed vLLM (CPU, meta, one gloo process per rank) and diff it against the plan."
+    ),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Predict what vLLM's Transformers backend will build for MODEL, and whether it will work."""
@@ -59,6 +62,7 @@ def check(
                 select=_split(select),
                 ignore=_split(ignore),
                 strict=strict,
+                with_vllm=with_vllm,
             ),
         )
     if json_out:
