@@ -191,8 +191,8 @@ def _qkv(module, funcdef, calls, by_input, linears) -> dict[str, Any] | None:
     names = triples[0]
     outs = [module.get_submodule(n).out_features for n in names]
     if len(set(outs)) == 2:
-        (q,) = (n for n, o in zip(names, outs) if outs.count(o) == 1)
-        k, v = (n for n, o in zip(names, outs) if outs.count(o) == 2)
+        (q,) = (n for n, o in zip(names, outs, strict=True) if outs.count(o) == 1)
+        k, v = (n for n, o in zip(names, outs, strict=True) if outs.count(o) == 2)
         if module.get_submodule(q).out_features != max(outs):
             return None
     elif len(set(outs)) == 1:

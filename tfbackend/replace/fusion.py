@@ -50,8 +50,14 @@ def _row(fact: ModuleFact, tp: int, why: str, stage) -> PlanEntry:
     from tfbackend.replace.planner import row_shards
 
     return _entry(
-        fact.qualname, [fact.qualname], fact.class_name, K_LINEAR, "RowParallelLinear",
-        why, row_shards(fact, tp) if tp > 1 else _full(fact), stage,
+        fact.qualname,
+        [fact.qualname],
+        fact.class_name,
+        K_LINEAR,
+        "RowParallelLinear",
+        why,
+        row_shards(fact, tp) if tp > 1 else _full(fact),
+        stage,
     )
 
 
@@ -82,11 +88,20 @@ def _qkv(facts, plan, parent: ModuleFact, cand: dict, stage) -> tuple[list[PlanE
     full_out, rank_out = (heads + 2 * kv) * hd, (heads_rank + 2 * kv_rank) * hd
     out = [
         _entry(
-            f"{parent.qualname}.qkv_proj", [p.qualname for p in parts], q.class_name, K_LINEAR,
-            "QKVParallelLinear", "q/k/v fused (vLLM QKVFuser)",
-            _stacked_params(parts, full_out, rank_out), stage,
-            fuser="qkv", num_heads=heads_rank, num_kv_heads=kv_rank, head_size=hd,
-            kv_replicas=max(1, tp // kv) if kv < tp else 1, output_sizes=[qo, ko, vo],
+            f"{parent.qualname}.qkv_proj",
+            [p.qualname for p in parts],
+            q.class_name,
+            K_LINEAR,
+            "QKVParallelLinear",
+            "q/k/v fused (vLLM QKVFuser)",
+            _stacked_params(parts, full_out, rank_out),
+            stage,
+            fuser="qkv",
+            num_heads=heads_rank,
+            num_kv_heads=kv_rank,
+            head_size=hd,
+            kv_replicas=max(1, tp // kv) if kv < tp else 1,
+            output_sizes=[qo, ko, vo],
         )
     ]
     if cand.get("o") and (o := _linear(facts, f"{parent.qualname}.{cand['o']}")):
@@ -102,10 +117,16 @@ def _merged(facts, plan, parent, names: list[str], stage, fuser: str, name: str)
     if not _same_input_and_bias(parts) or any(o % plan.tp for o in outs):
         return None, f"{' / '.join(names)}: inputs, biases or tp divisibility differ"
     entry = _entry(
-        f"{parent.qualname}.{name}", [p.qualname for p in parts], parts[0].class_name, K_LINEAR,
-        "MergedColumnParallelLinear", f"{' + '.join(names)} merged (vLLM {fuser} fuser)",
-        _stacked_params(parts, sum(outs), sum(outs) // plan.tp), stage,
-        fuser=fuser, output_sizes=outs,
+        f"{parent.qualname}.{name}",
+        [p.qualname for p in parts],
+        parts[0].class_name,
+        K_LINEAR,
+        "MergedColumnParallelLinear",
+        f"{' + '.join(names)} merged (vLLM {fuser} fuser)",
+        _stacked_params(parts, sum(outs), sum(outs) // plan.tp),
+        stage,
+        fuser=fuser,
+        output_sizes=outs,
     )
     return entry, ""
 
@@ -131,9 +152,17 @@ def _glu(facts, plan, parent, cand: dict, stage) -> tuple[list[PlanEntry], str]:
     act = f"{parent.qualname}.{cand['act']}"
     out = [
         merged,
-        _entry(act, [act], cand.get("act_class") or "", K_ACTIVATION, act_class,
-               f"activation fused with the gate/up multiply ({cand['act_and_mul']})", [], stage,
-               activation=cand["act_and_mul"]),
+        _entry(
+            act,
+            [act],
+            cand.get("act_class") or "",
+            K_ACTIVATION,
+            act_class,
+            f"activation fused with the gate/up multiply ({cand['act_and_mul']})",
+            [],
+            stage,
+            activation=cand["act_and_mul"],
+        ),
     ]
     if cand.get("down") and (down := _linear(facts, f"{parent.qualname}.{cand['down']}")):
         out.append(_row(down, plan.tp, "down projection of a fused GLU: always rowwise", stage))
@@ -166,8 +195,9 @@ def fuse_projections(facts: ModelFacts, plan: ReplacementPlan, profile: Profile,
                 if any("." in n for n in names) or len(set(names)) != len(names):
                     made, why = [], "projection names not plain attributes"
                 else:
-                    one, why = _merged(facts, plan, m, names, stage, "merged_column",
-                                       merged_name(names))
+                    one, why = _merged(
+                        facts, plan, m, names, stage, "merged_column", merged_name(names)
+                    )
                     made = [one] if one else []
             if made:
                 entries.extend(made)
@@ -216,24 +246,57 @@ def fuse_moe(facts: ModelFacts, plan: ReplacementPlan, profile: Profile, stage_o
         router = _router(facts, block, E)
         routing = "internal" if router else "external"
         entries.append(
-            _entry(m.qualname, [m.qualname], m.class_name, K_EXPERTS, "MoERunner",
-                   f"MoE block fused ({routing} routing)", [], stage, routing=routing)
+            _entry(
+                m.qualname,
+                [m.qualname],
+                m.class_name,
+                K_EXPERTS,
+                "MoERunner",
+                f"MoE block fused ({routing} routing)",
+                [],
+                stage,
+                routing=routing,
+            )
         )
         entries.append(
-            _entry(f"{m.qualname}.routed_experts", [m.qualname], m.class_name, K_EXPERTS,
-                   "TransformersRoutedExperts", "experts stacked, split on the intermediate dim",
-                   params, stage, num_experts=E, top_k=moe.top_k)
+            _entry(
+                f"{m.qualname}.routed_experts",
+                [m.qualname],
+                m.class_name,
+                K_EXPERTS,
+                "TransformersRoutedExperts",
+                "experts stacked, split on the intermediate dim",
+                params,
+                stage,
+                num_experts=E,
+                top_k=moe.top_k,
+            )
         )
         if router is not None:
             w = router.params["weight"]
-            gate = _entry(router.qualname, [router.qualname], router.class_name, K_ROUTER,
-                          "GateLinear", "router rebuilt as vLLM GateLinear (replicated)",
-                          [ParamShard("weight", list(w), list(w), None)], stage)
+            gate = _entry(
+                router.qualname,
+                [router.qualname],
+                router.class_name,
+                K_ROUTER,
+                "GateLinear",
+                "router rebuilt as vLLM GateLinear (replicated)",
+                [ParamShard("weight", list(w), list(w), None)],
+                stage,
+            )
             entries.append(gate)
             entries.append(
-                _entry(f"{m.qualname}.gate", [router.qualname], router.class_name, K_ROUTER,
-                       "GateLinear", "the runner's alias of the router", gate.params, stage,
-                       alias_of=router.qualname)
+                _entry(
+                    f"{m.qualname}.gate",
+                    [router.qualname],
+                    router.class_name,
+                    K_ROUTER,
+                    "GateLinear",
+                    "the runner's alias of the router",
+                    gate.params,
+                    stage,
+                    alias_of=router.qualname,
+                )
             )
     return entries
 

@@ -20,12 +20,13 @@ def conv1d_under_split_heads(ctx, rule):
     if ctx.tp <= 1:
         return
     convs = [
-        e.qualname
-        for e in ctx.plan.entries
-        if e.kind == K_UNCHANGED and e.source_class == "Conv1D"
+        e.qualname for e in ctx.plan.entries if e.kind == K_UNCHANGED and e.source_class == "Conv1D"
     ]
-    split = [a for a in ctx.plan.attention if a.heads_per_rank and a.num_heads
-             and a.heads_per_rank < a.num_heads]
+    split = [
+        a
+        for a in ctx.plan.attention
+        if a.heads_per_rank and a.num_heads and a.heads_per_rank < a.num_heads
+    ]
     if convs and split:
         yield rule.finding(
             f"{len(convs)} Conv1D projections stay full size on each of {ctx.tp} ranks while "

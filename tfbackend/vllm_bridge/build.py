@@ -117,9 +117,7 @@ def build_rank(
             )
             vllm_config = VllmConfig(
                 model_config=model_config,
-                parallel_config=ParallelConfig(
-                    tensor_parallel_size=tp, pipeline_parallel_size=pp
-                ),
+                parallel_config=ParallelConfig(tensor_parallel_size=tp, pipeline_parallel_size=pp),
                 device_config=DeviceConfig(device="cpu"),
                 load_config=LoadConfig(load_format="dummy"),
                 compilation_config=CompilationConfig(mode=0),
