@@ -53,6 +53,17 @@ def _on_rank(stage: int | None, pp_rank: int, pp: int) -> bool:
     return pp <= 1 or stage is None or stage == pp_rank
 
 
+def _kept_on(plan: ReplacementPlan, qualname: str, pp_rank: int) -> bool:
+    """Modules outside the layer list a stage also keeps (tied embeddings live on the first and
+    the last stage, while an entry records one stage)."""
+    top = qualname.removeprefix("model.")
+    for st in plan.stages:
+        if st.rank == pp_rank:
+            kept = any(top == n or top.startswith(n + ".") for n in st.modules)
+            return kept and not any(top == n or top.startswith(n + ".") for n in st.missing)
+    return False
+
+
 def _fmt(params: dict[str, list[int]]) -> str:
     return ", ".join(f"{k}{list(v)}" for k, v in sorted(params.items())) or "-"
 
@@ -87,7 +98,7 @@ def _compare_rank(hf, plan: ReplacementPlan, rank: dict, agreement: Agreement) -
     for e in plan.entries:
         agreement.compared += 1
         claimed.add(e.qualname)
-        if not _on_rank(e.stage, pp_rank, plan.pp):
+        if not _on_rank(e.stage, pp_rank, plan.pp) and not _kept_on(plan, e.qualname, pp_rank):
             if gone(e.qualname):
                 agreement.agreed += 1
             else:
