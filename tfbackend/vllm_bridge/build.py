@@ -123,8 +123,11 @@ def build_rank(
                 compilation_config=CompilationConfig(mode=0),
             )
             with set_current_vllm_config(vllm_config):
-                if i == 0:
-                    ps.initialize_model_parallel(tp, pp, backend="gloo")
+                # Groups depend on the model (the EP group exists only for MoE models), so
+                # they are rebuilt for every model this worker builds.
+                if ps.model_parallel_is_initialized():
+                    ps.destroy_model_parallel()
+                ps.initialize_model_parallel(tp, pp, backend="gloo")
                 from vllm.model_executor.model_loader.utils import get_model_architecture
 
                 model_cls, _ = get_model_architecture(model_config)
