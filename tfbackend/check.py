@@ -24,6 +24,8 @@ class CheckOptions:
     max_model_len: int | None = None  # default: config max_position_embeddings, capped
     gpu_memory: float = 80.0  # GiB per GPU
     no_checkpoint: bool = False  # skip reading the checkpoint's headers
+    with_vllm: bool = False  # build vLLM's own model on meta and diff it against the plan
+    vllm_timeout: float = 300.0
 
     def validate(self) -> None:
         if self.tp < 1:
@@ -68,6 +70,10 @@ def check_facts(facts: ModelFacts, options: CheckOptions):
     profile = select_profile(options.vllm_version, facts.versions.get("vllm"))
     plan = build_plan(facts, tp=options.tp, pp=options.pp, profile=profile)
     sections = _weights_and_memory(facts, plan, options)
+    if options.with_vllm:
+        from tfbackend.vllm_bridge import cross_check
+
+        sections["vllm_agreement"] = cross_check(facts, plan, timeout=options.vllm_timeout)
     ctx = RuleContext(
         facts=facts, plan=plan, profile=profile, tp=options.tp, pp=options.pp, options=sections
     )
@@ -83,8 +89,8 @@ def check_facts(facts: ModelFacts, options: CheckOptions):
         findings=findings,
         verdict=verdict_of(findings, strict=options.strict),
         versions=facts.versions,
+        sections=sections,
     )
-    report.sections.update(sections)
     return report
 
 

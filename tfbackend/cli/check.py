@@ -66,6 +66,12 @@ def check(
         "--markdown",
         help="Also write a Markdown summary to this file ($GITHUB_STEP_SUMMARY).",
     ),
+    with_vllm: bool = typer.Option(
+        False,
+        "--with-vllm",
+        help="Also build the model with the installed vLLM (CPU, meta, one gloo process per "
+        "rank) and diff it against the plan.",
+    ),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Predict what vLLM's Transformers backend will build for MODEL, and whether it will work."""
@@ -90,6 +96,7 @@ def check(
                 max_model_len=max_model_len,
                 gpu_memory=gpu_memory,
                 no_checkpoint=no_checkpoint,
+                with_vllm=with_vllm,
             ),
         )
         _write_files(report, model, json_file, junit, markdown)

@@ -22,6 +22,7 @@ from tfbackend.inspect.facts import (
     MoEConfig,
     SourceInfo,
 )
+from tfbackend.inspect.fusables import fusion_fact
 from tfbackend.inspect.norms import EPS_ATTRS, classify_norm, norm_eps, zero_initialised
 
 LAYERNORM = "layernorm"
@@ -283,6 +284,8 @@ def walk(model: Any, config: Any, text: Any, source: SourceInfo) -> ModelFacts:
                     "s_aux": call.s_aux if call else None,
                     "sinks_shape": _sinks_shape(module, call),
                 }
+        if fact.kind in (OTHER, ATTENTION) and (fusion := fusion_fact(module)) is not None:
+            fact.attrs["fusion"] = fusion
         modules.append(fact)
 
     pp_plan = list(getattr(model, "_pp_plan", None) or {})

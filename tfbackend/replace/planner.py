@@ -258,6 +258,14 @@ def _vocab_sizes(facts: ModelFacts) -> set[int]:
     return sizes
 
 
+def _embedding_target(m: ModuleFact, profile: Profile) -> str:
+    # vLLM ≥ 0.32 (utils.replace_embedding_class) rebases an nn.Embedding subclass onto
+    # VocabParallelEmbedding in place, so the module keeps its class name.
+    if profile.fuses and m.class_name != "Embedding":
+        return m.class_name
+    return "VocabParallelEmbedding"
+
+
 def _plan_embeddings(facts, plan, profile: Profile, stage_of) -> None:
     sizes = _vocab_sizes(facts)
     input_qualname = None
@@ -279,7 +287,7 @@ def _plan_embeddings(facts, plan, profile: Profile, stage_of) -> None:
                 sources=[m.qualname],
                 source_class=m.class_name,
                 kind=K_EMBEDDING,
-                target="VocabParallelEmbedding",
+                target=_embedding_target(m, profile),
                 reason="vocab embedding, split over the vocab",
                 params=[ParamShard("weight", [vocab, dim], [split(padded, plan.tp), dim], 0)],
                 stage=stage_of(m.qualname),
@@ -354,6 +362,9 @@ def _plan_norms(facts, plan, profile: Profile, stage_of, fused: set[str]) -> Non
                 continue
         elif m.kind == NORM:
             target, reason = norm_target(m, profile)
+            if target and profile.fuses:
+                # RMSNormFuser builds the TP-aware subclasses (fusers/rms_norm.py)
+                target = f"TPAware{target}"
             kind = K_NORM
             if target is None:
                 if m.attrs.get("rms_named") or m.attrs.get("variant") == NORM_GATED:
@@ -397,11 +408,6 @@ def _plan_experts(facts, plan, profile: Profile, stage_of, fused: set[str]) -> N
         layout = m.attrs["layout"]
         if layout not in profile.moe_layouts:
             continue
-        parent = m.qualname.rsplit(".", 1)[0]
-        shared = moe.num_shared_experts > 0 or any(
-            "shared_expert" in x.qualname and x.qualname.startswith(parent + ".")
-            for x in facts.modules
-        )
         experts = moe.num_experts or m.attrs.get("count")
         per_rank = split(inter, plan.tp) if inter else None
         params = []
@@ -425,25 +431,33 @@ def _plan_experts(facts, plan, profile: Profile, stage_of, fused: set[str]) -> N
                 stage=stage,
             )
         )
-        plan.moe.append(
-            MoESpec(
-                qualname=m.qualname,
-                layout=layout,
-                num_experts=experts,
-                top_k=moe.top_k,
-                hidden_size=hidden,
-                intermediate_size=inter,
-                intermediate_per_rank=per_rank,
-                activation=moe_activation(facts),
-                renormalize=moe.renormalize,
-                num_shared_experts=moe.num_shared_experts,
-                reduce_results=not shared,
-                has_bias=bool(m.attrs.get("has_bias")),
-                n_group=moe.n_group,
-                topk_group=moe.topk_group,
-                stage=stage,
-            )
-        )
+        plan.moe.append(moe_spec(facts, m, plan, stage))
+
+
+def moe_spec(facts: ModelFacts, m: ModuleFact, plan: ReplacementPlan, stage) -> MoESpec:
+    cfg, moe = facts.config, facts.config.moe
+    inter = moe.intermediate_size
+    parent = m.qualname.rsplit(".", 1)[0]
+    shared = moe.num_shared_experts > 0 or any(
+        "shared_expert" in x.qualname and x.qualname.startswith(parent + ".") for x in facts.modules
+    )
+    return MoESpec(
+        qualname=m.qualname,
+        layout=m.attrs["layout"],
+        num_experts=moe.num_experts or m.attrs.get("count"),
+        top_k=moe.top_k,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=inter,
+        intermediate_per_rank=split(inter, plan.tp) if inter else None,
+        activation=moe_activation(facts),
+        renormalize=moe.renormalize,
+        num_shared_experts=moe.num_shared_experts,
+        reduce_results=not shared,
+        has_bias=bool(m.attrs.get("has_bias")),
+        n_group=moe.n_group,
+        topk_group=moe.topk_group,
+        stage=stage,
+    )
 
 
 def _plan_attention(facts: ModelFacts, plan: ReplacementPlan, profile: Profile) -> None:
@@ -486,3 +500,7 @@ def _plan_attention(facts: ModelFacts, plan: ReplacementPlan, profile: Profile) 
                 stage=stage,
             )
         )
+
+
+# The fuser-era steps register themselves into FUSION_STEPS.
+from tfbackend.replace import fusion as _fusion  # noqa: E402,F401

@@ -261,5 +261,7 @@ def render_section(name: str, data, console: Console) -> None:
         module = importlib.import_module(f"tfbackend.report.sections.{name}")
     except ModuleNotFoundError:
         return
+    from tfbackend.report.model import plain
+
     console.rule(name.replace("_", " "), align="left")
-    module.render(data, console)
+    module.render(plain(data), console)

@@ -1,0 +1,97 @@
+"""The vllm-0.32 profile plans what vLLM's fusers build (no vLLM needed)."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import AutoConfig
+
+from tfbackend.inspect import SourceInfo, facts_from_config
+from tfbackend.replace.planner import build_plan
+from tfbackend.replace.profiles import PROFILES
+
+TINY = dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
+
+
+def _plan(model_type, tp=1, pp=1, profile="vllm-0.32", **kw):
+    config = AutoConfig.for_model(model_type, **kw)
+    facts = facts_from_config(config, SourceInfo("local", "x", "config.json"))
+    return build_plan(facts, tp=tp, pp=pp, profile=PROFILES[profile])
+
+
+def _entry(plan, qualname):
+    return next(e for e in plan.entries if e.qualname == qualname)
+
+
+def test_llama_qkv_fuses_into_one_qkv_parallel_linear_with_kv_replicated_at_tp4():
+    plan = _plan("llama", tp=4, hidden_size=64, intermediate_size=128, **TINY)
+    qkv = _entry(plan, "model.layers.0.self_attn.qkv_proj")
+    assert qkv.target == "QKVParallelLinear"
+    assert sorted(qkv.sources) == [f"model.layers.0.self_attn.{p}_proj" for p in "kqv"]
+    # 4 heads of 16 over 4 ranks: 1 q head, and the 2 kv heads replicated (1 per rank)
+    assert qkv.params[0].rank_shape == [(1 + 2) * 16, 64]
+    assert qkv.extra["kv_replicas"] == 2
+    assert _entry(plan, "model.layers.0.self_attn.o_proj").target == "RowParallelLinear"
+    assert plan.entry_for("model.layers.0.self_attn.q_proj") is qkv
+
+
+def test_gate_up_and_activation_fuse_into_merged_column_and_silu_and_mul():
+    plan = _plan("llama", tp=2, hidden_size=64, intermediate_size=128, **TINY)
+    gate_up = _entry(plan, "model.layers.1.mlp.gate_up_proj")
+    assert gate_up.target == "MergedColumnParallelLinear"
+    assert gate_up.params[0].rank_shape == [128, 64]
+    assert _entry(plan, "model.layers.1.mlp.act_fn").target == "SiluAndMul"
+    assert _entry(plan, "model.layers.1.mlp.down_proj").params[0].rank_shape == [64, 64]
+
+
+def test_gemma3_norms_are_tp_aware_gemma_and_activation_is_gelu_and_mul():
+    plan = _plan("gemma3_text", hidden_size=64, intermediate_size=128, head_dim=16, **TINY)
+    assert _entry(plan, "model.layers.0.input_layernorm").target == "TPAwareGemmaRMSNorm"
+    assert _entry(plan, "model.layers.0.self_attn.q_norm").target == "TPAwareGemmaRMSNorm"
+    act = _entry(plan, "model.layers.0.mlp.act_fn")
+    assert (act.target, act.extra["activation"]) == ("GeluAndMul", "gelu_pytorch_tanh")
+    assert _entry(plan, "model.embed_tokens").target == "Gemma3TextScaledWordEmbedding"
+
+
+def test_qwen3_moe_block_becomes_moe_runner_with_gate_linear_and_routed_experts():
+    plan = _plan(
+        "qwen3_moe",
+        tp=2,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_experts=4,
+        num_experts_per_tok=2,
+        head_dim=16,
+        **TINY,
+    )
+    mlp = "model.layers.0.mlp"
+    assert _entry(plan, f"{mlp}.experts").target == "MoERunner"
+    routed = _entry(plan, f"{mlp}.experts.routed_experts")
+    assert {p.name: p.rank_shape for p in routed.params} == {
+        "w13_weight": [4, 32, 64],
+        "w2_weight": [4, 64, 16],
+    }
+    assert _entry(plan, f"{mlp}.gate").target == "GateLinear"
+
+
+def test_older_profile_keeps_separate_column_linears():
+    plan = _plan("llama", tp=2, profile="vllm-0.11", hidden_size=64, intermediate_size=128, **TINY)
+    assert _entry(plan, "model.layers.0.self_attn.q_proj").target == "ColumnParallelLinear"
+    assert not [e for e in plan.entries if e.qualname.endswith("qkv_proj")]
+
+
+def test_gpt2_conv1d_at_tp2_is_an_error_finding():
+    from tfbackend.check import CheckOptions, check_facts
+
+    config = AutoConfig.for_model("gpt2", n_embd=64, n_layer=2, n_head=4, vocab_size=256)
+    facts = facts_from_config(config, SourceInfo("local", "x", "config.json"))
+    report = check_facts(facts, CheckOptions(tp=2, vllm_version="vllm-0.32"))
+    assert any(f.rule_id == "TFB290" and f.severity.value == "error" for f in report.findings)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_plan_json_lists_fused_sources(tp):
+    plan = _plan("llama", tp=tp, hidden_size=64, intermediate_size=128, **TINY)
+    data = plan.to_dict()
+    fused = [e for e in data["entries"] if len(e["sources"]) > 1]
+    assert {e["extra"]["fuser"] for e in fused} == {"qkv", "glu"}

@@ -1,0 +1,312 @@
+"""Fusion steps of the vLLM ≥ 0.32 profile: what the backend's fusers build instead of per-linear
+replacements (vllm/model_executor/models/transformers/fuser.py, fusers/, moe.py).
+
+Each step reads the fusion facts the walker recorded (`ModuleFact.attrs["fusion"]`), applies
+vLLM's per-instance `validate` with this plan's tp, and returns the entries it made; the linears
+they cover are then skipped by the per-linear pass, so tp_plan only decides what no fuser claimed.
+What did not fuse is written into `plan.notes` with the reason.
+"""
+
+from __future__ import annotations
+
+from tfbackend.inspect.facts import EXPERTS, LINEAR, ModelFacts, ModuleFact
+from tfbackend.replace.plan import K_EXPERTS, K_LINEAR, ParamShard, PlanEntry, ReplacementPlan
+from tfbackend.replace.profiles import Profile
+
+K_ACTIVATION = "activation"
+K_ROUTER = "router"
+
+# Priority order of vLLM's FUSERS tuple (MLA and packed c_attn are not modelled: see notes).
+_PRIORITY = ("glu", "qkv", "merged_column")
+
+
+def _linear(facts: ModelFacts, qualname: str) -> ModuleFact | None:
+    return next((m for m in facts.modules if m.qualname == qualname and m.kind == LINEAR), None)
+
+
+def _entry(qualname, sources, source_class, kind, target, reason, params, stage, **extra):
+    return PlanEntry(
+        qualname=qualname,
+        sources=sources,
+        source_class=source_class,
+        kind=kind,
+        target=target,
+        reason=reason,
+        params=params,
+        stage=stage,
+        extra=extra,
+    )
+
+
+def _stacked_params(parts: list[ModuleFact], full_out: int, rank_out: int) -> list[ParamShard]:
+    inp = parts[0].attrs["in_features"]
+    shards = [ParamShard("weight", [full_out, inp], [rank_out, inp], 0)]
+    if parts[0].attrs.get("bias"):
+        shards.append(ParamShard("bias", [full_out], [rank_out], 0))
+    return shards
+
+
+def _row(fact: ModuleFact, tp: int, why: str, stage) -> PlanEntry:
+    from tfbackend.replace.planner import row_shards
+
+    return _entry(
+        fact.qualname,
+        [fact.qualname],
+        fact.class_name,
+        K_LINEAR,
+        "RowParallelLinear",
+        why,
+        row_shards(fact, tp) if tp > 1 else _full(fact),
+        stage,
+    )
+
+
+def _full(fact: ModuleFact) -> list[ParamShard]:
+    return [ParamShard(n, list(s), list(s), None) for n, s in fact.params.items()]
+
+
+def _same_input_and_bias(parts: list[ModuleFact]) -> bool:
+    return (
+        len({p.attrs["in_features"] for p in parts}) == 1
+        and len({bool(p.attrs.get("bias")) for p in parts}) == 1
+    )
+
+
+def _qkv(facts, plan, parent: ModuleFact, cand: dict, stage) -> tuple[list[PlanEntry], str]:
+    names = [cand[x] for x in ("q", "k", "v")]
+    q, k, v = parts = [_linear(facts, f"{parent.qualname}.{n}") for n in names]
+    if None in parts:
+        return [], "a q/k/v projection is not an nn.Linear fact"
+    hd = cand.get("head_dim") or facts.config.head_dim
+    qo, ko, vo = (p.attrs["out_features"] for p in parts)
+    if not (hd and _same_input_and_bias(parts) and ko == vo and qo % hd == 0 and ko % hd == 0):
+        return [], "q/k/v shapes not compatible with one head-sharded GEMM"
+    tp = plan.tp
+    heads, kv = qo // hd, ko // hd
+    heads_rank = heads // tp
+    kv_rank = max(1, kv // tp)  # QKVParallelLinear replicates kv heads when kv < tp
+    full_out, rank_out = (heads + 2 * kv) * hd, (heads_rank + 2 * kv_rank) * hd
+    out = [
+        _entry(
+            f"{parent.qualname}.qkv_proj",
+            [p.qualname for p in parts],
+            q.class_name,
+            K_LINEAR,
+            "QKVParallelLinear",
+            "q/k/v fused (vLLM QKVFuser)",
+            _stacked_params(parts, full_out, rank_out),
+            stage,
+            fuser="qkv",
+            num_heads=heads_rank,
+            num_kv_heads=kv_rank,
+            head_size=hd,
+            kv_replicas=max(1, tp // kv) if kv < tp else 1,
+            output_sizes=[qo, ko, vo],
+        )
+    ]
+    if cand.get("o") and (o := _linear(facts, f"{parent.qualname}.{cand['o']}")):
+        out.append(_row(o, tp, "output projection of fused q/k/v: always rowwise", stage))
+    return out, ""
+
+
+def _merged(facts, plan, parent, names: list[str], stage, fuser: str, name: str):
+    parts = [_linear(facts, f"{parent.qualname}.{n}") for n in names]
+    if None in parts:
+        return None, "a projection is not an nn.Linear fact"
+    outs = [p.attrs["out_features"] for p in parts]
+    if not _same_input_and_bias(parts) or any(o % plan.tp for o in outs):
+        return None, f"{' / '.join(names)}: inputs, biases or tp divisibility differ"
+    entry = _entry(
+        f"{parent.qualname}.{name}",
+        [p.qualname for p in parts],
+        parts[0].class_name,
+        K_LINEAR,
+        "MergedColumnParallelLinear",
+        f"{' + '.join(names)} merged (vLLM {fuser} fuser)",
+        _stacked_params(parts, sum(outs), sum(outs) // plan.tp),
+        stage,
+        fuser=fuser,
+        output_sizes=outs,
+    )
+    return entry, ""
+
+
+def _glu(facts, plan, parent, cand: dict, stage) -> tuple[list[PlanEntry], str]:
+    gate = _linear(facts, f"{parent.qualname}.{cand['gate']}")
+    up = _linear(facts, f"{parent.qualname}.{cand['up']}")
+    if gate is None or up is None:
+        return [], "gate/up not nn.Linear facts"
+    if gate.attrs["out_features"] != up.attrs["out_features"]:
+        return [], "gate and up differ in size"
+    if not cand.get("act_and_mul"):
+        return [], f"activation {cand.get('act_class')} has no vLLM ...AndMul kernel"
+    merged, why = _merged(
+        facts, plan, parent, [cand["gate"], cand["up"]], stage, "glu", "gate_up_proj"
+    )
+    if merged is None:
+        return [], why
+    from tfbackend.inspect.fusables import ACT_AND_MUL
+
+    act_class = ACT_AND_MUL[cand["act_and_mul"]]
+    merged.extra["activation"] = cand["act_and_mul"]
+    act = f"{parent.qualname}.{cand['act']}"
+    out = [
+        merged,
+        _entry(
+            act,
+            [act],
+            cand.get("act_class") or "",
+            K_ACTIVATION,
+            act_class,
+            f"activation fused with the gate/up multiply ({cand['act_and_mul']})",
+            [],
+            stage,
+            activation=cand["act_and_mul"],
+        ),
+    ]
+    if cand.get("down") and (down := _linear(facts, f"{parent.qualname}.{cand['down']}")):
+        out.append(_row(down, plan.tp, "down projection of a fused GLU: always rowwise", stage))
+    return out, ""
+
+
+def merged_name(names: list[str]) -> str:
+    """vLLM's programmatic name for a merged projection (MergedColumnParallelFuser)."""
+    return "merged_proj_" + "_".join(f"{len(n)}_{n}" for n in names)
+
+
+def fuse_projections(facts: ModelFacts, plan: ReplacementPlan, profile: Profile, stage_of):
+    entries: list[PlanEntry] = []
+    for m in facts.modules:
+        fact = m.attrs.get("fusion")
+        if not fact:
+            continue
+        if not fact.get("fuser"):
+            plan.notes.append(f"{m.qualname} ({m.class_name}): not fused: {fact.get('reason')}")
+            continue
+        stage = stage_of(m.qualname)
+        why_not: list[str] = []
+        for cand in sorted(fact["candidates"], key=lambda c: _PRIORITY.index(c["fuser"])):
+            if cand["fuser"] == "qkv":
+                made, why = _qkv(facts, plan, m, cand, stage)
+            elif cand["fuser"] == "glu":
+                made, why = _glu(facts, plan, m, cand, stage)
+            else:
+                names = cand["linears"]
+                if any("." in n for n in names) or len(set(names)) != len(names):
+                    made, why = [], "projection names not plain attributes"
+                else:
+                    one, why = _merged(
+                        facts, plan, m, names, stage, "merged_column", merged_name(names)
+                    )
+                    made = [one] if one else []
+            if made:
+                entries.extend(made)
+                break
+            why_not.append(f"{cand['fuser']}: {why}")
+        else:
+            plan.notes.append(f"{m.qualname} ({m.class_name}): not fused: {'; '.join(why_not)}")
+    return entries
+
+
+def _router(facts: ModelFacts, block: str, num_experts: int | None) -> ModuleFact | None:
+    """The block's router: a child other than `experts` holding only a [E, H] weight (and a
+    score-correction bias), as vLLM's MoEBlockFuser._match_router requires."""
+    for m in facts.modules:
+        if m.qualname.rsplit(".", 1)[0] != block or m.qualname.endswith(".experts"):
+            continue
+        w = m.params.get("weight")
+        extra = set(m.params) - {"weight", "e_score_correction_bias"}
+        if w and len(w) == 2 and not extra and (num_experts is None or w[0] == num_experts):
+            return m
+    return None
+
+
+def fuse_moe(facts: ModelFacts, plan: ReplacementPlan, profile: Profile, stage_of):
+    """experts → MoERunner holding TransformersRoutedExperts (w13 [E, 2I/tp, H], w2 [E, H, I/tp]);
+    the router → GateLinear, aliased inside the runner when routing moves into vLLM."""
+    from tfbackend.replace.planner import moe_spec
+
+    cfg, moe = facts.config, facts.config.moe
+    entries: list[PlanEntry] = []
+    for m in facts.modules:
+        if m.kind != EXPERTS or m.attrs.get("layout") not in profile.moe_layouts:
+            continue
+        block = m.qualname.rsplit(".", 1)[0]
+        stage = stage_of(m.qualname)
+        spec = moe_spec(facts, m, plan, stage)
+        plan.moe.append(spec)
+        E, H, inter = spec.num_experts, cfg.hidden_size, spec.intermediate_size  # noqa: N806
+        params = []
+        if E and H and inter:
+            per = inter // plan.tp
+            params = [
+                ParamShard("w13_weight", [E, 2 * inter, H], [E, 2 * per, H], 1),
+                ParamShard("w2_weight", [E, H, inter], [E, H, per], 2),
+            ]
+        router = _router(facts, block, E)
+        routing = "internal" if router else "external"
+        entries.append(
+            _entry(
+                m.qualname,
+                [m.qualname],
+                m.class_name,
+                K_EXPERTS,
+                "MoERunner",
+                f"MoE block fused ({routing} routing)",
+                [],
+                stage,
+                routing=routing,
+            )
+        )
+        entries.append(
+            _entry(
+                f"{m.qualname}.routed_experts",
+                [m.qualname],
+                m.class_name,
+                K_EXPERTS,
+                "TransformersRoutedExperts",
+                "experts stacked, split on the intermediate dim",
+                params,
+                stage,
+                num_experts=E,
+                top_k=moe.top_k,
+            )
+        )
+        if router is not None:
+            w = router.params["weight"]
+            gate = _entry(
+                router.qualname,
+                [router.qualname],
+                router.class_name,
+                K_ROUTER,
+                "GateLinear",
+                "router rebuilt as vLLM GateLinear (replicated)",
+                [ParamShard("weight", list(w), list(w), None)],
+                stage,
+            )
+            entries.append(gate)
+            entries.append(
+                _entry(
+                    f"{m.qualname}.gate",
+                    [router.qualname],
+                    router.class_name,
+                    K_ROUTER,
+                    "GateLinear",
+                    "the runner's alias of the router",
+                    gate.params,
+                    stage,
+                    alias_of=router.qualname,
+                )
+            )
+    return entries
+
+
+def _register() -> None:
+    from tfbackend.replace import planner
+
+    for step in (fuse_projections, fuse_moe):
+        if step not in planner.FUSION_STEPS:
+            planner.FUSION_STEPS.append(step)
+
+
+_register()

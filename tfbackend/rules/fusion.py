@@ -1,0 +1,77 @@
+"""Rules about what the fuser-era backend builds, and about agreement with the real vLLM."""
+
+from __future__ import annotations
+
+from tfbackend.replace.plan import K_UNCHANGED
+from tfbackend.report.findings import Severity
+from tfbackend.rules.registry import rule
+
+
+@rule(
+    "TFB290",
+    "Unsharded Conv1D under split attention heads",
+    Severity.ERROR,
+    rationale="vLLM replaces only nn.Linear; a transformers Conv1D (GPT-2 style) stays full size "
+    "on every rank while the attention layer gets heads/tp heads, so each rank feeds all heads' "
+    "activations into an attention sized for its share: the output is wrong (vLLM only warns).",
+    fix="Serve at --tp 1, or use a model whose projections are nn.Linear with a tp_plan.",
+)
+def conv1d_under_split_heads(ctx, rule):
+    if ctx.tp <= 1:
+        return
+    convs = [
+        e.qualname for e in ctx.plan.entries if e.kind == K_UNCHANGED and e.source_class == "Conv1D"
+    ]
+    split = [
+        a
+        for a in ctx.plan.attention
+        if a.heads_per_rank and a.num_heads and a.heads_per_rank < a.num_heads
+    ]
+    if convs and split:
+        yield rule.finding(
+            f"{len(convs)} Conv1D projections stay full size on each of {ctx.tp} ranks while "
+            f"attention runs {split[0].heads_per_rank} of {split[0].num_heads} heads per rank",
+            modules=convs[:8],
+            conv1d=len(convs),
+        )
+
+
+@rule(
+    "TFB891",
+    "Plan disagrees with what vLLM built",
+    Severity.ERROR,
+    rationale="`check --with-vllm` built the model with the installed vLLM on meta, one gloo "
+    "process per rank; a module whose class or per-rank shape differs from the plan means the "
+    "prediction is wrong for this model.",
+    fix="Report it to tfbackend with the JSON report; trust the vLLM side meanwhile.",
+)
+def vllm_disagreement(ctx, rule):
+    agreement = ctx.options.get("vllm_agreement")
+    if agreement is None:
+        return
+    for d in agreement.disagreements[:50]:
+        yield rule.finding(
+            f"rank {d.rank} {d.qualname} ({d.what}): tfbackend {d.ours} | vLLM {d.vllm}",
+            modules=[d.qualname],
+            rank=d.rank,
+            ours=d.ours,
+            vllm=d.vllm,
+        )
+    if agreement.run_error:
+        yield rule.finding(
+            f"the vLLM build did not complete: {agreement.run_error}", severity=Severity.WARNING
+        )
+
+
+@rule(
+    "TFB892",
+    "vLLM raised while building the model",
+    Severity.ERROR,
+    rationale="`check --with-vllm` built the model with the installed vLLM; it raised, so "
+    "vLLM will refuse to serve this model at this tp/pp.",
+    fix="Read the exception; the other findings usually name the cause.",
+)
+def vllm_raised(ctx, rule):
+    agreement = ctx.options.get("vllm_agreement")
+    if agreement is not None and agreement.vllm_error:
+        yield rule.finding(agreement.vllm_error.splitlines()[0][:400])
