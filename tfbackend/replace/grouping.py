@@ -58,7 +58,9 @@ def group_entries(plan: ReplacementPlan) -> list[PlanGroup]:
                 reason=e.reason,
                 full_shape=list(first.full_shape) if first else None,
                 rank_shape=list(first.rank_shape) if first else None,
-                sources=sorted({pattern_of(s) for s in e.sources}) if len(e.sources) > 1 else [],
+                sources=list(dict.fromkeys(pattern_of(s) for s in e.sources))
+                if len(e.sources) > 1
+                else [],
             )
         g.count += 1
         if e.stage is not None and e.stage not in g.stages:

@@ -85,15 +85,15 @@ def plan_lines(report: CheckReport) -> Group:
         head = Text.assemble(
             (g.pattern, "bold"),
             f" ×{g.count}  ",
-            f"{g.source_class}{_arrow_shape(g.full_shape, g.kind)} → ",
+            f"{g.source_class}{_arrow_shape(g.full_shape, g.kind) if g.full_shape else ''} → ",
             (g.target, "bold"),
-            f"  per rank {shape(g.rank_shape)}",
+            f"  per rank {shape(g.rank_shape)}" if g.rank_shape else "",
         )
         why = g.reason
         if g.tp_key:
             why = f"{why}, key {g.tp_key!r}"
         if g.sources:
-            why = f"fuses {', '.join(g.sources)}; {why}"
+            why = f"fuses {', '.join(s.rsplit('.', 1)[-1] for s in g.sources)}; {why}"
         if g.stages and report.pp > 1:
             why = f"{why}; stage {', '.join(str(s) for s in sorted(g.stages))}"
         warn = "silently" in g.reason or "no tp_plan key" in g.reason or g.kind == "unchanged"

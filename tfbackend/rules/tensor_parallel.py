@@ -273,7 +273,13 @@ left out of the plan costs memory and speed on every rank.
 def replicated_linears(ctx, r):
     if not _tp_plan_active(ctx):
         return
-    left = [e for e in ctx.plan.entries_of(K_LINEAR) if e.tp_style is None]
+    # Fused entries (QKV, merged gate/up, their row-parallel outputs) carry no tp_style either:
+    # only what really became ReplicatedLinear counts.
+    left = [
+        e
+        for e in ctx.plan.entries_of(K_LINEAR)
+        if e.tp_style is None and e.target == "ReplicatedLinear"
+    ]
     note = ""
     skip = _fuser_claimed(ctx)
     kept = [e for e in left if not skip(e.qualname)]
