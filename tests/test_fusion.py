@@ -86,7 +86,7 @@ def test_gpt2_conv1d_at_tp2_is_an_error_finding():
     config = AutoConfig.for_model("gpt2", n_embd=64, n_layer=2, n_head=4, vocab_size=256)
     facts = facts_from_config(config, SourceInfo("local", "x", "config.json"))
     report = check_facts(facts, CheckOptions(tp=2, vllm_version="vllm-0.32"))
-    assert any(f.rule_id == "TFB290" and f.severity.value == "error" for f in report.findings)
+    assert any(f.rule_id == "TFB212" and f.severity.value == "error" for f in report.findings)
 
 
 @pytest.mark.parametrize("tp", [1, 2])

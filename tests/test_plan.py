@@ -51,9 +51,13 @@ def test_gemma3_offset_norms_and_embed_scale_and_sliding_layers():
     facts = tiny.facts(tiny.gemma3_text(num_hidden_layers=6))
     plan = build_plan(facts, tp=2, pp=1, profile=PROFILES["vllm-0.32"])
     norm = plan.entry_for("model.layers.0.input_layernorm")
-    assert norm.target == "GemmaRMSNorm" and norm.extra["variant"] == "offset"
+    assert norm.target == "TPAwareGemmaRMSNorm" and norm.extra["variant"] == "offset"
+    seed = build_plan(facts, tp=2, pp=1, profile=SEED)
+    assert seed.entry_for("model.layers.0.input_layernorm").target == "GemmaRMSNorm"
     emb = plan.entry_for("model.embed_tokens")
-    assert emb.target == "VocabParallelEmbedding"
+    # vLLM 0.32 rebases the scaled-embedding subclass onto VocabParallelEmbedding in place
+    assert emb.target == "Gemma3TextScaledWordEmbedding"
+    assert emb.extra["rebased_on"] == "VocabParallelEmbedding"
     assert emb.extra["has_embed_scale"] is True
     windows = [a.sliding_window for a in plan.attention]
     assert 16 in windows and None in windows  # sliding and full layers interleave
@@ -61,7 +65,8 @@ def test_gemma3_offset_norms_and_embed_scale_and_sliding_layers():
 
 def test_llama_norm_is_plain_rmsnorm():
     plan = plan_for(tiny.llama(), profile=PROFILES["vllm-0.32"])
-    assert plan.entry_for("model.norm").target == "RMSNorm"
+    assert plan.entry_for("model.norm").target == "TPAwareRMSNorm"
+    assert plan_for(tiny.llama()).entry_for("model.norm").target == "RMSNorm"
     assert plan.entry_for("model.norm").extra["variant"] == "plain"
 
 
@@ -93,7 +98,10 @@ def test_moe_experts_become_one_fused_moe_with_numbers():
     assert (moe.num_experts, moe.top_k, moe.intermediate_size) == (4, 2, 32)
     assert moe.intermediate_per_rank == 16 and moe.activation == "silu"
     assert moe.layout == "fused_3d"
-    experts = plan.entry_for("model.layers.0.mlp.experts")
+    runner = plan.entry_for("model.layers.0.mlp.experts")
+    assert runner.target == "MoERunner"
+    (experts,) = [e for e in plan.entries if e.qualname.endswith("0.mlp.experts.routed_experts")]
+    assert experts.target == "TransformersRoutedExperts"
     w13 = experts.params[0]
     assert w13.full_shape == [4, 64, 64] and w13.rank_shape == [4, 32, 64]
 

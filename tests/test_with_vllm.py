@@ -108,4 +108,4 @@ def test_gpt2_at_tp2_vllm_builds_full_size_conv1d_and_tfbackend_calls_it_an_erro
     assert built["model.h.0.attn.c_attn"]["params"]["weight"] == [64, 192]
     report = check_facts(facts, CheckOptions(tp=2, vllm_version="vllm-0.32"))
     assert report.verdict.value == "FAIL"
-    assert [f.severity.value for f in report.findings if f.rule_id == "TFB290"] == ["error"]
+    assert [f.severity.value for f in report.findings if f.rule_id == "TFB212"] == ["error"]

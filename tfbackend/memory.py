@@ -156,6 +156,10 @@ def estimate_memory(
     covered: set[str] = set()
     experts_prefixes = [m.qualname + "." for m in facts.modules if m.kind == EXPERTS]
     facts_by_name = {m.qualname: m for m in facts.modules}
+    # A source's tensors are counted once: vLLM 0.32 aliases the router into the MoE runner
+    # (`experts.gate`), and a runner entry holds nothing the routed-experts entry does not.
+    counted: set[tuple[tuple[str, ...], str]] = set()
+    sourced = {s for e in plan.entries if e.params for s in e.sources}
     for e in plan.entries:
         covered.update(e.sources)
         if e.kind == K_LM_HEAD:
@@ -165,8 +169,12 @@ def estimate_memory(
         else:
             stages = stages_holding(e.qualname, plan)
         for p in e.params:
+            key = (tuple(e.sources), p.name)
+            if key in counted:
+                continue
+            counted.add(key)
             add(stages, f"{e.qualname}.{p.name}", prod(p.rank_shape))
-        if e.kind == K_EXPERTS:
+        if e.kind == K_EXPERTS and not (not e.params and set(e.sources) <= sourced):
             fact = facts_by_name.get(e.qualname)
             own = (fact.params if fact else {}).items()
             kept = {p.name for p in e.params}

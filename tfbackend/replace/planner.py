@@ -281,14 +281,19 @@ def _plan_embeddings(facts, plan, profile: Profile, stage_of) -> None:
             input_qualname = m.qualname
         vocab, dim = m.attrs["num_embeddings"], m.attrs["embedding_dim"]
         padded = pad_vocab(vocab, profile.vocab_padding)
+        target = _embedding_target(m, profile)
+        rebased = target != "VocabParallelEmbedding"
+        reason = "vocab embedding, split over the vocab"
+        if rebased:
+            reason += f"; {target} rebased onto VocabParallelEmbedding in place (keeps its forward)"
         plan.entries.append(
             PlanEntry(
                 qualname=m.qualname,
                 sources=[m.qualname],
                 source_class=m.class_name,
                 kind=K_EMBEDDING,
-                target=_embedding_target(m, profile),
-                reason="vocab embedding, split over the vocab",
+                target=target,
+                reason=reason,
                 params=[ParamShard("weight", [vocab, dim], [split(padded, plan.tp), dim], 0)],
                 stage=stage_of(m.qualname),
                 extra={
@@ -296,6 +301,7 @@ def _plan_embeddings(facts, plan, profile: Profile, stage_of) -> None:
                     "padded_vocab": padded,
                     "embed_scale": m.attrs.get("embed_scale"),
                     "has_embed_scale": m.attrs.get("has_embed_scale", False),
+                    "rebased_on": "VocabParallelEmbedding" if rebased else None,
                 },
             )
         )

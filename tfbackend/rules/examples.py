@@ -61,6 +61,9 @@ EXAMPLES: dict[str, str] = {
     "TFB707": "rotary inv_freq buffers and MTP layers saved in the checkpoint",
     "TFB710": "Llama-70B-shaped weights in bfloat16 at --tp 1 on 80 GiB GPUs",
     "TFB711": "a 128K-token context whose KV cache alone exceeds one GPU",
+    "TFB891": "--with-vllm where vLLM builds ReplicatedLinear but the plan predicts "
+    "ColumnParallelLinear",
+    "TFB892": "--with-vllm on a model whose attention does not dispatch through the interface",
     "TFB801": "transformers 5.15 with vLLM 0.32 (needs >= 5.16.1)",
     "TFB802": "torch 2.11 with vLLM 0.32 (built for 2.13)",
     "TFB803": "vLLM 0.32 installed, checked with --vllm-version 0.11",

@@ -2,38 +2,8 @@
 
 from __future__ import annotations
 
-from tfbackend.replace.plan import K_UNCHANGED
 from tfbackend.report.findings import Severity
 from tfbackend.rules.registry import rule
-
-
-@rule(
-    "TFB290",
-    "Unsharded Conv1D under split attention heads",
-    Severity.ERROR,
-    rationale="vLLM replaces only nn.Linear; a transformers Conv1D (GPT-2 style) stays full size "
-    "on every rank while the attention layer gets heads/tp heads, so each rank feeds all heads' "
-    "activations into an attention sized for its share: the output is wrong (vLLM only warns).",
-    fix="Serve at --tp 1, or use a model whose projections are nn.Linear with a tp_plan.",
-)
-def conv1d_under_split_heads(ctx, rule):
-    if ctx.tp <= 1:
-        return
-    convs = [
-        e.qualname for e in ctx.plan.entries if e.kind == K_UNCHANGED and e.source_class == "Conv1D"
-    ]
-    split = [
-        a
-        for a in ctx.plan.attention
-        if a.heads_per_rank and a.num_heads and a.heads_per_rank < a.num_heads
-    ]
-    if convs and split:
-        yield rule.finding(
-            f"{len(convs)} Conv1D projections stay full size on each of {ctx.tp} ranks while "
-            f"attention runs {split[0].heads_per_rank} of {split[0].num_heads} heads per rank",
-            modules=convs[:8],
-            conv1d=len(convs),
-        )
 
 
 @rule(
