@@ -33,7 +33,15 @@ def _opts(**kw) -> RunOptions:
 
 @pytest.mark.parametrize(
     "kind,tp,pp",
-    [("llama", 2, 1), ("llama", 1, 2), ("gemma3", 2, 1), ("qwen3moe", 2, 1), ("qwen3moe", 1, 2)],
+    [
+        ("llama", 2, 1),
+        ("llama", 1, 2),
+        ("llama", 2, 2),  # 4 ranks: tensor and pipeline parallel together
+        ("gemma3", 2, 1),
+        ("qwen3moe", 2, 1),
+        ("qwen3moe", 1, 2),
+        ("qwen3moe", 2, 2),
+    ],
 )
 def test_wrapped_model_matches_reference(models, kind, tp, pp):
     report = run(str(models[kind]), _opts(tp=tp, pp=pp, max_prompts=2))
