@@ -250,3 +250,16 @@ def test_a_baseline_that_is_not_a_gate_report_is_bad_input(models, tmp_path):
         app, ["gate", str(models / "models.toml"), "--baseline", str(tmp_path / "nope.json")]
     )
     assert result.exit_code == 2 and "no such baseline" in result.stderr
+
+
+@pytest.mark.slow
+def test_gate_run_proves_parity_with_the_native_engine_on_cpu(tmp_path, monkeypatch):
+    from _run_models import write_model
+
+    monkeypatch.setenv("TFBACKEND_START_METHOD", "forkserver")
+    write_model("llama", tmp_path / "weights-llama")
+    text = '[[models]]\nid = "weights-llama"\ntp = 2\nrun = true\ngpus = 2\nexpected = "pass"\n'
+    report = gate(tmp_path, text, run=True, device="cpu")
+    (outcome,) = report.results[0].runs
+    assert outcome.status == RUN_PASSED, outcome.message
+    assert outcome.metrics["top1_agreement"] == 1.0 and outcome.metrics["kl_max"] < 1e-6
