@@ -1,96 +1,68 @@
-"""Tiny real transformers configs for tests: real config classes, real shapes, a few KB."""
+"""Tiny real transformers configs for the plan and CLI tests.
+
+Built on the factories in `_rules_support` (one place for tiny shapes), with 4 layers and a
+512-token vocab so pipeline splits and vocab padding have something to split.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import (
-    Gemma3TextConfig,
-    GPT2Config,
-    LlamaConfig,
-    MixtralConfig,
-    Qwen3MoeConfig,
-)
+from tests import _rules_support as base
+from tests._rules_support import facts  # noqa: F401  (re-exported for the tests)
 
-from tfbackend.inspect import facts_from_config
-from tfbackend.inspect.facts import SourceInfo
+WIDER = dict(num_hidden_layers=4, vocab_size=512, max_position_embeddings=256)
 
 
-def llama(**kw) -> LlamaConfig:
-    base = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=512,
-        max_position_embeddings=256,
-        architectures=["LlamaForCausalLM"],
+def llama(**kw):
+    return base.llama(**{**WIDER, "architectures": ["LlamaForCausalLM"], **kw})
+
+
+def gemma3_text(**kw):
+    from transformers import Gemma3TextConfig
+
+    return Gemma3TextConfig(
+        **{
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_attention_heads": 4,
+            **WIDER,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "sliding_window": 16,
+            "architectures": ["Gemma3ForCausalLM"],
+            **kw,
+        }
     )
-    return LlamaConfig(**{**base, **kw})
 
 
-def gemma3_text(**kw) -> Gemma3TextConfig:
-    base = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        vocab_size=512,
-        sliding_window=16,
-        max_position_embeddings=256,
-        architectures=["Gemma3ForCausalLM"],
+def qwen3_moe(**kw):
+    return base.qwen3_moe(
+        **{"vocab_size": 512, "architectures": ["Qwen3MoeForCausalLM"], **kw}
     )
-    return Gemma3TextConfig(**{**base, **kw})
 
 
-def qwen3_moe(**kw) -> Qwen3MoeConfig:
-    base = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        moe_intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_experts=4,
-        num_experts_per_tok=2,
-        vocab_size=512,
-        architectures=["Qwen3MoeForCausalLM"],
+def mixtral(**kw):
+    from transformers import MixtralConfig
+
+    return MixtralConfig(
+        **{
+            "hidden_size": 64,
+            "intermediate_size": 96,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+            "vocab_size": 512,
+            "architectures": ["MixtralForCausalLM"],
+            **kw,
+        }
     )
-    return Qwen3MoeConfig(**{**base, **kw})
 
 
-def mixtral(**kw) -> MixtralConfig:
-    base = dict(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        vocab_size=512,
-        architectures=["MixtralForCausalLM"],
-    )
-    return MixtralConfig(**{**base, **kw})
-
-
-def gpt2(**kw) -> GPT2Config:
-    base = dict(
-        n_embd=64,
-        n_layer=2,
-        n_head=4,
-        vocab_size=512,
-        n_positions=128,
-        architectures=["GPT2LMHeadModel"],
-    )
-    return GPT2Config(**{**base, **kw})
-
-
-def facts(config):
-    return facts_from_config(config, SourceInfo(kind="local", location="memory", config_path=""))
+def gpt2(**kw):
+    return base.gpt2(**{"vocab_size": 512, "architectures": ["GPT2LMHeadModel"], **kw})
 
 
 def save(config, folder: Path) -> Path:
