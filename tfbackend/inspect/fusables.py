@@ -37,7 +37,15 @@ def fusion_fact(module: Any) -> dict[str, Any] | None:
     linears = {n: c for n, c in module.named_children() if isinstance(c, nn.Linear)}
     if len(linears) < 2:
         return None
-    key = (type(module), tuple(n for n, _ in module.named_children()))
+    # Per class (as vLLM caches), but the q/k/v analysis also reads head_dim and linear shapes:
+    # instances of one class built from different configs must not share a stale answer.
+    head_dim = getattr(module, "head_dim", None)
+    key = (
+        type(module),
+        tuple(n for n, _ in module.named_children()),
+        tuple((n, c.in_features, c.out_features) for n, c in linears.items()),
+        head_dim if isinstance(head_dim, int) else None,
+    )
     if key not in _cache:
         try:
             _cache[key] = _analyse(module, set(linears))
