@@ -95,3 +95,23 @@ def test_plan_json_lists_fused_sources(tp):
     data = plan.to_dict()
     fused = [e for e in data["entries"] if len(e["sources"]) > 1]
     assert {e["extra"]["fuser"] for e in fused} == {"qkv", "glu"}
+
+
+def test_moe_router_that_is_not_a_lone_weight_routes_in_transformers_runner():
+    # afmoe's router holds its linear as a child (`router.gate`): vLLM's MoEBlockFuser finds no
+    # router, so routing stays in HF code and the experts become TransformersMoERunner.
+    plan = _plan(
+        "afmoe",
+        tp=2,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_experts=4,
+        num_experts_per_tok=2,
+        head_dim=16,
+        num_dense_layers=1,
+        **TINY,
+    )
+    runner = _entry(plan, "model.layers.1.mlp.experts")
+    assert (runner.target, runner.extra["routing"]) == ("TransformersMoERunner", "external")
+    assert _entry(plan, "model.layers.1.mlp.router.gate").target == "ReplicatedLinear"

@@ -251,7 +251,9 @@ def fuse_moe(facts: ModelFacts, plan: ReplacementPlan, profile: Profile, stage_o
                 [m.qualname],
                 m.class_name,
                 K_EXPERTS,
-                "MoERunner",
+                # vLLM routes in Transformers through its own runner subclass, which smuggles
+                # the HF top-k ids into FusedMoE (transformers/moe.py: TransformersMoERunner)
+                "MoERunner" if router else "TransformersMoERunner",
                 f"MoE block fused ({routing} routing)",
                 [],
                 stage,
