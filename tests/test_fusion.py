@@ -115,3 +115,22 @@ def test_moe_router_that_is_not_a_lone_weight_routes_in_transformers_runner():
     runner = _entry(plan, "model.layers.1.mlp.experts")
     assert (runner.target, runner.extra["routing"]) == ("TransformersMoERunner", "external")
     assert _entry(plan, "model.layers.1.mlp.router.gate").target == "ReplicatedLinear"
+
+
+def test_every_vocab_size_key_makes_a_vocab_embedding():
+    # vLLM 0.32 matches "vocab_size" anywhere in a config key: BERT's type_vocab_size=2 turns
+    # token_type_embeddings into a VocabParallelEmbedding padded to 64 rows.
+    plan = _plan(
+        "bert",
+        tp=2,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=256,
+        type_vocab_size=2,
+        is_decoder=True,
+    )
+    token_type = _entry(plan, "model.embeddings.token_type_embeddings")
+    assert token_type.target == "VocabParallelEmbedding"
+    assert token_type.params[0].rank_shape == [32, 64]

@@ -80,6 +80,16 @@ def _int(value: Any) -> int | None:
     return None
 
 
+def _vocab_sizes(config: Any) -> set[int]:
+    sizes: set[int] = set()
+    for key, value in vars(config).items():
+        if hasattr(value, "to_dict") and hasattr(value, "model_type"):
+            sizes |= _vocab_sizes(value)
+        elif "vocab_size" in key and isinstance(value, int) and not isinstance(value, bool):
+            sizes.add(value)
+    return sizes
+
+
 def config_facts(config: Any, text: Any) -> ConfigFacts:
     heads = _int(get(text, "num_attention_heads", None))
     hidden = _int(get(text, "hidden_size", None))
@@ -116,6 +126,7 @@ def config_facts(config: Any, text: Any) -> ConfigFacts:
         hidden_act=act if isinstance(act, str) else None,
         sub_configs=sorted(subs),
         raw=raw,
+        vocab_sizes=sorted(_vocab_sizes(config)),
         model_type=get(config, "model_type", "") or "",
         architectures=list(get(config, "architectures", None) or []),
         hidden_size=hidden,
