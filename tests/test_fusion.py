@@ -134,3 +134,20 @@ def test_every_vocab_size_key_makes_a_vocab_embedding():
     token_type = _entry(plan, "model.embeddings.token_type_embeddings")
     assert token_type.target == "VocabParallelEmbedding"
     assert token_type.params[0].rank_shape == [32, 64]
+
+
+def test_router_that_scores_after_top_k_leaves_routing_in_transformers():
+    # Cohere2-MoE's router is topk(linear(x)) then softmax: vLLM's MoEBlockFuser needs the
+    # scorer to feed the top-k, so it keeps the HF router and routes externally.
+    plan = _plan(
+        "cohere2_moe",
+        tp=2,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_experts=4,
+        num_experts_per_tok=2,
+        **TINY,
+    )
+    assert _entry(plan, "model.layers.0.mlp.experts").target == "TransformersMoERunner"
+    assert plan.entry_for("model.layers.0.mlp.gate") is None

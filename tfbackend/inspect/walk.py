@@ -22,7 +22,7 @@ from tfbackend.inspect.facts import (
     MoEConfig,
     SourceInfo,
 )
-from tfbackend.inspect.fusables import fusion_fact
+from tfbackend.inspect.fusables import fusion_fact, router_scoring
 from tfbackend.inspect.norms import EPS_ATTRS, classify_norm, norm_eps, zero_initialised
 
 LAYERNORM = "layernorm"
@@ -297,6 +297,8 @@ def walk(model: Any, config: Any, text: Any, source: SourceInfo) -> ModelFacts:
                 }
         if fact.kind in (OTHER, ATTENTION) and (fusion := fusion_fact(module)) is not None:
             fact.attrs["fusion"] = fusion
+        if fact.kind == OTHER and "weight" in fact.params and not next(module.children(), None):
+            fact.attrs["router_scoring"] = router_scoring(module)
         modules.append(fact)
 
     pp_plan = list(getattr(model, "_pp_plan", None) or {})
