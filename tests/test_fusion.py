@@ -95,3 +95,59 @@ def test_plan_json_lists_fused_sources(tp):
     data = plan.to_dict()
     fused = [e for e in data["entries"] if len(e["sources"]) > 1]
     assert {e["extra"]["fuser"] for e in fused} == {"qkv", "glu"}
+
+
+def test_moe_router_that_is_not_a_lone_weight_routes_in_transformers_runner():
+    # afmoe's router holds its linear as a child (`router.gate`): vLLM's MoEBlockFuser finds no
+    # router, so routing stays in HF code and the experts become TransformersMoERunner.
+    plan = _plan(
+        "afmoe",
+        tp=2,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_experts=4,
+        num_experts_per_tok=2,
+        head_dim=16,
+        num_dense_layers=1,
+        **TINY,
+    )
+    runner = _entry(plan, "model.layers.1.mlp.experts")
+    assert (runner.target, runner.extra["routing"]) == ("TransformersMoERunner", "external")
+    assert _entry(plan, "model.layers.1.mlp.router.gate").target == "ReplicatedLinear"
+
+
+def test_every_vocab_size_key_makes_a_vocab_embedding():
+    # vLLM 0.32 matches "vocab_size" anywhere in a config key: BERT's type_vocab_size=2 turns
+    # token_type_embeddings into a VocabParallelEmbedding padded to 64 rows.
+    plan = _plan(
+        "bert",
+        tp=2,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=256,
+        type_vocab_size=2,
+        is_decoder=True,
+    )
+    token_type = _entry(plan, "model.embeddings.token_type_embeddings")
+    assert token_type.target == "VocabParallelEmbedding"
+    assert token_type.params[0].rank_shape == [32, 64]
+
+
+def test_router_that_scores_after_top_k_leaves_routing_in_transformers():
+    # Cohere2-MoE's router is topk(linear(x)) then softmax: vLLM's MoEBlockFuser needs the
+    # scorer to feed the top-k, so it keeps the HF router and routes externally.
+    plan = _plan(
+        "cohere2_moe",
+        tp=2,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_experts=4,
+        num_experts_per_tok=2,
+        **TINY,
+    )
+    assert _entry(plan, "model.layers.0.mlp.experts").target == "TransformersMoERunner"
+    assert plan.entry_for("model.layers.0.mlp.gate") is None

@@ -85,6 +85,9 @@ class ConfigFacts:
     sub_configs: list[str] = field(default_factory=list)
     # Raw text-config values some rules read by name (MoE aliases, MTP counts…), set ones only
     raw: dict[str, Any] = field(default_factory=dict)
+    # Every int under a key containing "vocab_size", sub-configs included: vLLM ≥ 0.32 takes an
+    # nn.Embedding of any of these sizes for a vocab table (TransformersBase._vocab_embeddings)
+    vocab_sizes: list[int] = field(default_factory=list)
 
 
 @dataclass

@@ -228,3 +228,52 @@ def _qkv(module, funcdef, calls, by_input, linears) -> dict[str, Any] | None:
         "o": o,
         "head_dim": head_dim if isinstance(head_dim, int) else None,
     }
+
+
+def router_scoring(module: Any) -> str | None:
+    """ "softmax" / "sigmoid" when the module's forward is `topk(score(linear(x)))`, the router
+    vLLM's MoEBlockFuser._match_router accepts (the scorer must feed the top-k; a softmax applied
+    after it does not count); None otherwise, and routing then stays in Transformers."""
+    try:
+        funcdef = _forward_def(type(module))
+    except Exception:
+        return None
+    values: dict[str, list[ast.AST]] = {}
+    for node in ast.walk(funcdef):
+        if isinstance(node, ast.Assign):
+            for target in node.targets:
+                for name in ast.walk(target):
+                    if isinstance(name, ast.Name):
+                        values.setdefault(name.id, []).append(node.value)
+
+    def cone(exprs) -> list[ast.Call]:
+        calls, seen, stack = [], set(), list(exprs)
+        while stack:
+            expr = stack.pop()
+            for node in ast.walk(expr):
+                if isinstance(node, ast.Call):
+                    calls.append(node)
+                elif isinstance(node, ast.Name) and node.id not in seen:
+                    seen.add(node.id)
+                    stack.extend(values.get(node.id, []))
+        return calls
+
+    def op(call: ast.Call) -> str | None:
+        func = call.func
+        return func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+
+    def inputs(call: ast.Call) -> list[ast.AST]:
+        receiver = [call.func.value] if isinstance(call.func, ast.Attribute) else []
+        return receiver + list(call.args) + [k.value for k in call.keywords]
+
+    topks = [n for n in ast.walk(funcdef) if isinstance(n, ast.Call) and op(n) == "topk"]
+    if not topks:
+        return None
+    topk = max(topks, key=lambda n: (n.lineno, n.col_offset))
+    scorers = {id(c): c for c in cone(inputs(topk)) if op(c) in ("softmax", "sigmoid")}
+    if len(scorers) != 1:
+        return None
+    (scorer,) = scorers.values()
+    if not any(op(c) == "linear" for c in cone(inputs(scorer))):
+        return None
+    return op(scorer)

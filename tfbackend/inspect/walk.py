@@ -22,7 +22,7 @@ from tfbackend.inspect.facts import (
     MoEConfig,
     SourceInfo,
 )
-from tfbackend.inspect.fusables import fusion_fact
+from tfbackend.inspect.fusables import fusion_fact, router_scoring
 from tfbackend.inspect.norms import EPS_ATTRS, classify_norm, norm_eps, zero_initialised
 
 LAYERNORM = "layernorm"
@@ -80,6 +80,16 @@ def _int(value: Any) -> int | None:
     return None
 
 
+def _vocab_sizes(config: Any) -> set[int]:
+    sizes: set[int] = set()
+    for key, value in vars(config).items():
+        if hasattr(value, "to_dict") and hasattr(value, "model_type"):
+            sizes |= _vocab_sizes(value)
+        elif "vocab_size" in key and isinstance(value, int) and not isinstance(value, bool):
+            sizes.add(value)
+    return sizes
+
+
 def config_facts(config: Any, text: Any) -> ConfigFacts:
     heads = _int(get(text, "num_attention_heads", None))
     hidden = _int(get(text, "hidden_size", None))
@@ -116,6 +126,7 @@ def config_facts(config: Any, text: Any) -> ConfigFacts:
         hidden_act=act if isinstance(act, str) else None,
         sub_configs=sorted(subs),
         raw=raw,
+        vocab_sizes=sorted(_vocab_sizes(config)),
         model_type=get(config, "model_type", "") or "",
         architectures=list(get(config, "architectures", None) or []),
         hidden_size=hidden,
@@ -286,6 +297,8 @@ def walk(model: Any, config: Any, text: Any, source: SourceInfo) -> ModelFacts:
                 }
         if fact.kind in (OTHER, ATTENTION) and (fusion := fusion_fact(module)) is not None:
             fact.attrs["fusion"] = fusion
+        if fact.kind == OTHER and "weight" in fact.params and not next(module.children(), None):
+            fact.attrs["router_scoring"] = router_scoring(module)
         modules.append(fact)
 
     pp_plan = list(getattr(model, "_pp_plan", None) or {})

@@ -217,7 +217,10 @@ def _router(facts: ModelFacts, block: str, num_experts: int | None) -> ModuleFac
         w = m.params.get("weight")
         extra = set(m.params) - {"weight", "e_score_correction_bias"}
         if w and len(w) == 2 and not extra and (num_experts is None or w[0] == num_experts):
-            return m
+            # ... and whose forward is topk(score(linear(x))) (`router_scoring`, read at walk
+            # time); facts without that reading keep the shape-only match
+            if m.attrs.get("router_scoring", "unread") is not None:
+                return m
     return None
 
 
@@ -251,7 +254,9 @@ def fuse_moe(facts: ModelFacts, plan: ReplacementPlan, profile: Profile, stage_o
                 [m.qualname],
                 m.class_name,
                 K_EXPERTS,
-                "MoERunner",
+                # vLLM routes in Transformers through its own runner subclass, which smuggles
+                # the HF top-k ids into FusedMoE (transformers/moe.py: TransformersMoERunner)
+                "MoERunner" if router else "TransformersMoERunner",
                 f"MoE block fused ({routing} routing)",
                 [],
                 stage,

@@ -255,7 +255,7 @@ def _plan_linears(facts, plan, profile: Profile, stage_of, fused: set[str]) -> N
 
 def _vocab_sizes(facts: ModelFacts) -> set[int]:
     sizes = {facts.config.vocab_size} if facts.config.vocab_size else set()
-    return sizes
+    return sizes | set(facts.config.vocab_sizes)
 
 
 def _embedding_target(m: ModuleFact, profile: Profile) -> str:

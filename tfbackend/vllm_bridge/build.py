@@ -138,8 +138,12 @@ def build_rank(
             build.error = f"{type(exc).__name__}: {exc}"
             build.error_type = type(exc).__name__
             build.warnings.append(traceback.format_exc(limit=6))
-        with open(os.path.join(result_dir, f"{i}.rank{rank}.json"), "w") as fh:
+        # Written under a temporary name and renamed: a reader polling for results never
+        # sees a half-written file.
+        path = os.path.join(result_dir, f"{i}.rank{rank}.json")
+        with open(path + ".part", "w") as fh:
             json.dump(build.to_dict(), fh)
+        os.replace(path + ".part", path)
 
 
 def _install_stand_ins() -> list[str]:
