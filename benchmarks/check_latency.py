@@ -109,7 +109,7 @@ def main() -> None:
         timed([sys.executable, "-m", "tfbackend", "--help"])[0] for _ in range(args.repeats)
     )
     lines = [
-        "# check latency (cold process, median of %d)" % args.repeats,
+        f"# check latency (cold process, median of {args.repeats})",
         "",
         "| model | floor s | check s | ratio | floor RSS MB | check RSS MB | exit |",
         "|---|---|---|---|---|---|---|",
@@ -124,7 +124,9 @@ def main() -> None:
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
-    args.out.with_suffix(".json").write_text(json.dumps({"rows": rows, "help_s": help_wall}, indent=2))
+    args.out.with_suffix(".json").write_text(
+        json.dumps({"rows": rows, "help_s": help_wall}, indent=2)
+    )
 
 
 if __name__ == "__main__":

@@ -119,9 +119,7 @@ def test_all_expectations_met_exits_0(models):
 
 
 def test_strict_turns_warnings_into_a_fail(models):
-    report = gate(
-        models, '[[models]]\nid = "tiny-opt"\ntp = 2\nstrict = true\nexpected = "fail"\n'
-    )
+    report = gate(models, '[[models]]\nid = "tiny-opt"\ntp = 2\nstrict = true\nexpected = "fail"\n')
     assert report.results[0].verdict is Verdict.FAIL and report.exit_code == 0
 
 

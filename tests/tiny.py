@@ -37,9 +37,7 @@ def gemma3_text(**kw):
 
 
 def qwen3_moe(**kw):
-    return base.qwen3_moe(
-        **{"vocab_size": 512, "architectures": ["Qwen3MoeForCausalLM"], **kw}
-    )
+    return base.qwen3_moe(**{"vocab_size": 512, "architectures": ["Qwen3MoeForCausalLM"], **kw})
 
 
 def mixtral(**kw):
