@@ -103,7 +103,7 @@ class _Stages:
     def __call__(self, qualname: str) -> int | None:
         plan = self.plan
         if plan.pp <= 1 or not plan.stages or not plan.layers_module:
-            return None if plan.pp <= 1 else None
+            return None
         m = _LAYER_INDEX.match(qualname)
         if m and m.group("list") == plan.layers_module:
             idx = int(m.group("idx"))
@@ -129,20 +129,12 @@ def build_plan(facts: ModelFacts, *, tp: int = 1, pp: int = 1, profile: Profile)
             for entry in step(facts, plan, profile, stage_of):
                 plan.entries.append(entry)
                 fused.update(entry.sources)
-    in_stage = _stage_filter(plan)
     _plan_experts(facts, plan, profile, stage_of, fused)
     _plan_linears(facts, plan, profile, stage_of, fused)
     _plan_embeddings(facts, plan, profile, stage_of)
     _plan_norms(facts, plan, profile, stage_of, fused)
     _plan_attention(facts, plan, profile)
-    plan.entries = [e for e in plan.entries if in_stage(e)]
     return plan
-
-
-def _stage_filter(plan: ReplacementPlan) -> Callable[[PlanEntry], bool]:
-    # Every entry is kept: the stage field says where it lives. (Kept as a hook so a per-rank
-    # view can filter without re-planning.)
-    return lambda entry: True
 
 
 def _plan_stages(facts: ModelFacts, plan: ReplacementPlan, profile: Profile) -> None:
