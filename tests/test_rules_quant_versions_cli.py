@@ -70,9 +70,20 @@ def _ctx(profile):
 
 def test_transformers_older_than_the_profile_needs_is_an_error():
     load_all()
-    strict = dataclasses.replace(PROFILES["vllm-0.32"], min_transformers={"base": "99.0"})
+    strict = dataclasses.replace(
+        PROFILES["vllm-0.32"], min_transformers={"base": "99.0"}, max_transformers=None
+    )
     assert {f.severity.value for f in REGISTRY["TFB801"].check(_ctx(strict))} == {"error"}
     assert not list(REGISTRY["TFB801"].check(_ctx(PROFILES["vllm-0.11"])))
+
+
+def test_transformers_newer_than_the_vllm_pin_warns_only_where_vllm_serves():
+    load_all()
+    capped = dataclasses.replace(PROFILES["vllm-0.32"], max_transformers="1.0")
+    ctx = _ctx(capped)
+    (found,) = REGISTRY["TFB801"].check(ctx)
+    expected = "warning" if ctx.facts.versions.get("vllm") else "info"
+    assert found.severity.value == expected
 
 
 def test_torch_other_than_the_release_was_built_for_warns():

@@ -30,10 +30,11 @@ def facts_from_source(source: SourceInfo, *, trust_remote_code: bool = False) ->
 
 def facts_from_config(config, source: SourceInfo, *, trust_remote_code: bool = False) -> ModelFacts:
     """Facts for an in-memory config (the sweep uses this with transformers' default configs)."""
+    from tfbackend.inspect.config import text_config_of
     from tfbackend.inspect.meta import build_on_meta, causal_lm_class_name, quiet
     from tfbackend.inspect.walk import walk
 
-    text = config.get_text_config()
+    text = text_config_of(config)
     # The backend builds the whole model; for a multimodal config we check its language model.
     model = build_on_meta(
         text if text is not config else config,

@@ -82,10 +82,25 @@ def load_config(source: SourceInfo, *, trust_remote_code: bool = False) -> Loade
     source.custom_code_used = use_remote
     return LoadedConfig(
         config=config,
-        text_config=config.get_text_config(),
+        text_config=text_config_of(config),
         raw=raw,
         custom_code_used=use_remote,
     )
+
+
+def text_config_of(config: Any) -> Any:
+    """The text config, as the backend reads it (`config.get_text_config()`).
+
+    transformers raises when a composite config has several text configs (e.g. MusicGen's
+    `text_encoder` and `decoder`); vLLM's backend makes the same call and fails the same way.
+    """
+    try:
+        return config.get_text_config()
+    except ValueError as exc:
+        raise ConfigError(
+            f"{getattr(config, 'model_type', '?')!r}: config.get_text_config() is ambiguous, so "
+            f"vLLM's backend cannot pick the language model ({_one_line(exc)})"
+        ) from exc
 
 
 def _one_line(exc: BaseException) -> str:

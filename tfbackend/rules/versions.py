@@ -57,10 +57,17 @@ def transformers_version(ctx, r):
             )
     ceiling = _v(ctx.profile.max_transformers)
     if ceiling and installed >= ceiling:
+        # Without vLLM here, this environment is not the serving one: the model code checked may
+        # differ from what the serving transformers runs, which is worth knowing, not a defect.
+        serving_here = bool(ctx.facts.versions.get("vllm"))
         yield r.finding(
             f"transformers {installed} is newer than {ctx.profile.name} supports (< {ceiling}): "
-            "the backend may break on changed internals",
-            severity=Severity.WARNING,
+            + (
+                "the backend may break on changed internals"
+                if serving_here
+                else "the serving environment will run an older transformers' model code"
+            ),
+            severity=Severity.WARNING if serving_here else Severity.INFO,
         )
 
 
