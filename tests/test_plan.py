@@ -141,3 +141,15 @@ def test_plan_is_json_serialisable_and_deterministic():
 def test_check_facts_gives_a_verdict():
     report = check_facts(tiny.facts(tiny.llama()), CheckOptions(tp=2))
     assert report.verdict.value == "PASS"
+
+
+def test_tied_lm_head_takes_the_embedding_width_not_hidden_size():
+    from transformers import ElectraConfig
+
+    config = ElectraConfig(
+        embedding_size=32, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=128, vocab_size=512, is_decoder=True,
+        architectures=["ElectraForCausalLM"],
+    )  # fmt: skip
+    head = plan_for(config, profile=PROFILES["vllm-0.32"]).entry_for("lm_head")
+    assert head.extra["tied"] and head.params[0].full_shape == [512, 32]

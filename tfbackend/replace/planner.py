@@ -260,7 +260,7 @@ def _embedding_target(m: ModuleFact, profile: Profile) -> str:
 
 def _plan_embeddings(facts, plan, profile: Profile, stage_of) -> None:
     sizes = _vocab_sizes(facts)
-    input_qualname = None
+    input_qualname, input_dim = None, None
     for m in facts.modules:
         if m.kind != EMBEDDING:
             continue
@@ -271,6 +271,7 @@ def _plan_embeddings(facts, plan, profile: Profile, stage_of) -> None:
             continue
         if m.attrs.get("is_input"):
             input_qualname = m.qualname
+            input_dim = m.attrs["embedding_dim"]
         vocab, dim = m.attrs["num_embeddings"], m.attrs["embedding_dim"]
         padded = pad_vocab(vocab, profile.vocab_padding)
         target = _embedding_target(m, profile)
@@ -301,6 +302,10 @@ def _plan_embeddings(facts, plan, profile: Profile, stage_of) -> None:
     if vocab and hidden:
         padded = pad_vocab(vocab, profile.vocab_padding)
         tied = facts.config.tie_word_embeddings
+        if tied and input_dim:
+            # ParallelLMHead.tie_weights returns the embedding itself: its width, not
+            # hidden_size, is the head's (ELECTRA: embedding_size 128 under hidden 256).
+            hidden = input_dim
         last = plan.pp - 1 if plan.pp > 1 and plan.stages else None
         plan.entries.append(
             PlanEntry(
