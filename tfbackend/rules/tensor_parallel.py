@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from math import prod
 
 from tfbackend.replace.plan import K_EXPERTS, K_LINEAR
 from tfbackend.report.findings import Severity
@@ -73,7 +74,7 @@ def unknown_style(ctx, r):
             by_style.setdefault(e.tp_style, []).append(e)
     bpp = _bytes_per_param(ctx)
     for style, entries in sorted(by_style.items()):
-        params = sum(_numel(p.full_shape) for e in entries for p in e.params)
+        params = sum(prod(p.full_shape) for e in entries for p in e.params)
         extra = params * bpp * (ctx.tp - 1) // ctx.tp
         yield r.finding(
             f"{len(entries)} linear(s) with style {style!r} become ReplicatedLinear: "
@@ -83,13 +84,6 @@ def unknown_style(ctx, r):
             count=len(entries),
             extra_bytes_per_rank=extra,
         )
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 @rule(
@@ -292,7 +286,7 @@ def replicated_linears(ctx, r):
     if not left:
         return
     bpp = _bytes_per_param(ctx)
-    sizes = {e.qualname: sum(_numel(p.full_shape) for p in e.params) for e in left}
+    sizes = {e.qualname: sum(prod(p.full_shape) for p in e.params) for e in left}
     total = sum(sizes.values())
     extra = total * bpp * (ctx.tp - 1) // ctx.tp
     by_class = Counter(e.qualname.rsplit(".", 1)[-1] for e in left)

@@ -6,11 +6,11 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-GIB = 1024**3
+from tfbackend.report.units import size
 
 
 def _size(n: int) -> str:
-    return f"{n / GIB:.2f} GiB" if n >= GIB // 10 else f"{n / 1024**2:.2f} MiB"
+    return size(n, smallest="MiB")
 
 
 def render(data, console: Console) -> None:

@@ -7,15 +7,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-GIB = 1024**3
-
-
-def _size(n: int) -> str:
-    if n >= GIB // 10:
-        return f"{n / GIB:.2f} GiB"
-    if n >= 1024**2:
-        return f"{n / 1024**2:.2f} MiB"
-    return f"{n / 1024:.2f} KiB"
+from tfbackend.report.units import size
 
 
 def render(data, console: Console) -> None:
@@ -23,7 +15,7 @@ def render(data, console: Console) -> None:
     head = (
         f"dtype {mem['dtype']} · max-model-len {mem['max_model_len']:,} · "
         f"{mem['gpu_memory_gib']:g} GiB × {mem['gpu_memory_utilization']:.0%} per GPU · "
-        f"whole model {_size(mem['model_weight_bytes'])}"
+        f"whole model {size(mem['model_weight_bytes'])}"
     )
     console.print(Text(head))
     t = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
@@ -48,11 +40,11 @@ def render(data, console: Console) -> None:
             str(lo) if lo == hi else f"{lo}–{hi}",
             str(st["stage"]),
             f"{start}–{end - 1}" if end > start else "none",
-            _size(st["weight_bytes"]),
-            _size(st["largest_tensor_bytes"]),
-            _size(st["kv_bytes_per_token"]),
-            _size(st["kv_bytes_max_len"]),
-            _size(st["total_bytes"]),
+            size(st["weight_bytes"]),
+            size(st["largest_tensor_bytes"]),
+            size(st["kv_bytes_per_token"]),
+            size(st["kv_bytes_max_len"]),
+            size(st["total_bytes"]),
             "—" if st["max_kv_tokens"] is None else f"{st['max_kv_tokens']:,}",
             fit,
         )
