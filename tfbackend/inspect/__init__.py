@@ -31,6 +31,7 @@ def facts_from_source(source: SourceInfo, *, trust_remote_code: bool = False) ->
 def facts_from_config(config, source: SourceInfo, *, trust_remote_code: bool = False) -> ModelFacts:
     """Facts for an in-memory config (the sweep uses this with transformers' default configs)."""
     from tfbackend.inspect.config import text_config_of
+    from tfbackend.inspect.entry import architecture_compatible, decoder_signature
     from tfbackend.inspect.meta import build_on_meta, causal_lm_class_name, quiet
     from tfbackend.inspect.walk import walk
 
@@ -44,6 +45,15 @@ def facts_from_config(config, source: SourceInfo, *, trust_remote_code: bool = F
     with quiet():
         facts = walk(model, config, text, source)
     facts.causal_lm_class = causal_lm_class_name(config)
+    # A multimodal config was built from its text config: vLLM's AutoModel gets the whole one.
+    if text is config:
+        facts.auto_model_error = getattr(model, "_tfbackend_auto_model_error", None)
+    (
+        facts.decoder_class,
+        facts.decoder_forward_args,
+        facts.decoder_forward_var_kwargs,
+    ) = decoder_signature(model)
+    facts.architecture_compatible = architecture_compatible(facts.causal_lm_class)
     return facts
 
 

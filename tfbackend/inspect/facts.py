@@ -117,6 +117,14 @@ class ModelFacts:
     modules: list[ModuleFact]
     versions: dict[str, str | None]
     custom_code_modules: list[str] = field(default_factory=list)
+    # What vLLM's entry point needs before any replacement: AutoModel building the config it is
+    # given (None: it does), and the decoder class it compiles (`model.get_decoder()`) with the
+    # arguments its forward names.
+    auto_model_error: str | None = None
+    decoder_class: str | None = None
+    decoder_forward_args: list[str] | None = None
+    decoder_forward_var_kwargs: bool = False
+    architecture_compatible: bool | None = None  # vLLM 0.32's registry gate; None: not judged
 
     def by_kind(self, kind: str) -> list[ModuleFact]:
         return [m for m in self.modules if m.kind == kind]

@@ -57,7 +57,9 @@ def build_on_meta(
     """`AutoModel.from_config` on meta, the base model the backend wraps.
 
     A config with no base-model mapping falls back to the causal-LM class's base model: first
-    through the auto mapping, then by the class the outer (e.g. multimodal) config names.
+    through the auto mapping, then by the class the outer (e.g. multimodal) config names. The
+    model then carries `_tfbackend_auto_model_error`: why AutoModel itself failed (vLLM calls
+    nothing else), or None.
     """
     import torch
     from transformers import AutoModel, AutoModelForCausalLM
@@ -75,10 +77,18 @@ def build_on_meta(
                 continue
             if i > 0:
                 model = getattr(model, "base_model", model)
+            first = errors[0] if errors else None
+            model._tfbackend_auto_model_error = (
+                f"{type(first).__name__}: {_first_line(first)}" if first else None
+            )
             return model
     exc = errors[0]
-    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    msg = _first_line(exc)
     raise ConfigError(
         f"transformers could not build {getattr(config, 'model_type', '?')!r} from its config "
         f"on the meta device: {msg}"
     ) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

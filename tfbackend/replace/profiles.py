@@ -69,6 +69,10 @@ class Profile:
     gptq_bias_ignored: bool = False  # GPTQ checkpoints' `.bias` tensors skipped at load
     norm_bias_replaced: bool = False  # a *RMSNorm with a bias still becomes a bias-less RMSNorm
     norm_eps_attrs: tuple[str, ...] | None = None  # where eps is read; None: from forward
+    # Arguments the decoder's forward must name: vLLM marks them dynamic for torch.compile.
+    decoder_compile_args: tuple[str, ...] = ()
+    # Several modules computing attention for one layer index: refused (0.32) or not checked.
+    one_attention_per_layer: bool = False
 
 
 PROFILES: dict[str, Profile] = {
@@ -133,6 +137,10 @@ PROFILES: dict[str, Profile] = {
             min_transformers={"base": "5.16.1", "video": "5.18.0"},
             max_transformers="5.20.0",
             min_torch="2.13.0",
+            # base.py _decorate_for_torch_compile: DynamicArgDims(input_ids, inputs_embeds,
+            # position_ids); compilation/decorators.py raises for any the forward lacks.
+            decoder_compile_args=("input_ids", "inputs_embeds", "position_ids"),
+            one_attention_per_layer=True,
         ),
     )
 }

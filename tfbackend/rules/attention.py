@@ -14,9 +14,12 @@ from tfbackend.rules.registry import rule
 The backend serves attention by registering its own function in transformers'
 `ALL_ATTENTION_FUNCTIONS` and setting `_attn_implementation="vllm"`. A model whose attention
 modules compute attention themselves never calls it: seed-era vLLM refuses models without
-`_supports_attention_backend`; vLLM 0.32 looks for exactly one interface call in each attention
-module's forward and raises "Layer N does not dispatch through the Transformers attention
-interface" for any layer without one.
+`_supports_attention_backend`; vLLM 0.32 first refuses, in its model registry, an
+architecture that neither declares `_supports_attention_backend` nor passes transformers'
+`_can_set_attn_implementation()` source check ("The Transformers implementation of X is not
+compatible with vLLM"); then it looks for an interface call in each attention module's forward
+and raises "Layer N does not dispatch through the Transformers attention interface" for any
+layer without one.
 """,
     fix="use a transformers version whose implementation of this model supports the attention "
     "interface, or serve with vLLM's native implementation",
@@ -28,6 +31,13 @@ def attention_interface(ctx, r):
             yield r.finding(
                 f"{facts.model_class} does not declare _supports_attention_backend: vLLM refuses it"
             )
+        return
+    if facts.architecture_compatible is False:
+        yield r.finding(
+            f"{facts.causal_lm_class} neither declares _supports_attention_backend nor calls "
+            "ALL_ATTENTION_FUNCTIONS.get_interface in its module: vLLM's registry refuses it "
+            "(\"not compatible with vLLM\")"
+        )
         return
     stage_layers = [a for a in ctx.plan.attention if a.qualname is None]
     if stage_layers:
@@ -160,4 +170,37 @@ def mla(ctx, r):
             f"MLA with kv_lora_rank={cfg.kv_lora_rank}{dims}: {ctx.profile.name} has no MLA "
             "support; the KV cache is sized from head_dim and may not match",
             severity=Severity.WARNING,
+        )
+
+
+@rule(
+    "TFB406",
+    "Several attention modules share one layer index",
+    Severity.ERROR,
+    rationale="""
+vLLM 0.32 gives each decoder layer one Attention instance (one KV cache), keyed by the
+`layer_idx` of the module that calls the attention interface. When two modules that call it
+carry the same index (self- and cross-attention in a decoder layer, two stacks built with
+the same indices, a block shared across layers), the backend raises "Layer N dispatches
+attention from more than one module ..., which one vLLM attention layer cannot serve".
+""",
+    fix="serve with vLLM's native implementation of this architecture",
+)
+def one_attention_per_layer(ctx, r):
+    if not ctx.profile.one_attention_per_layer:
+        return
+    by_layer: dict[int, list[str]] = {}
+    for m in ctx.facts.modules:
+        if m.kind == "attention" and m.attrs.get("interface"):
+            idx = m.attrs.get("layer_idx")
+            if isinstance(idx, int):
+                by_layer.setdefault(idx, []).append(m.qualname)
+    shared = {i: q for i, q in sorted(by_layer.items()) if len(q) > 1}
+    if shared:
+        i, names = next(iter(shared.items()))
+        yield r.finding(
+            f"{len(shared)} layer indices are claimed by more than one attention module "
+            f"(layer {i}: {' and '.join(names[:2])}): vLLM raises while building",
+            modules=[q for names in shared.values() for q in names][:16],
+            layers=list(shared)[:32],
         )

@@ -9,6 +9,8 @@ EXAMPLES: dict[str, str] = {
     "TFB105": "an encoder–decoder whose encoder and decoder both hold num_hidden_layers layers",
     "TFB106": "a multimodal config with its language model under an unrecognised key",
     "TFB107": "a causal LM that has a bidirectional (is_causal=False) attention block",
+    "TFB109": "bart, mamba: BartDecoder.forward and MambaModel.forward take no position_ids",
+    "TFB110": "emu3's text config (Emu3TextConfig) saved alone: AutoModel has no mapping for it",
     "TFB108": "gemma3 (vision_config), qwen2_5_omni (audio and vision towers)",
     "TFB201": "gpt2 at --tp 2: no base_model_tp_plan",
     "TFB202": "deepseek_v3 at --tp 8: 'packed_colwise' experts style",
@@ -33,6 +35,7 @@ EXAMPLES: dict[str, str] = {
     "TFB403": "gemma2: attention logits capped at 50, final logits at 30",
     "TFB404": "gpt_oss: learned attention sinks passed as s_aux",
     "TFB405": "deepseek_v3: kv_lora_rank 512",
+    "TFB406": "whisper: self_attn and encoder_attn of a decoder layer both have layer_idx 0",
     "TFB501": "gemma (x̂·(1+w)) checked with --vllm-version 0.6: the name-based port makes it "
     "RMSNorm",
     "TFB502": "qwen3_next: Qwen3NextRMSNormGated(x, gate)",

@@ -199,6 +199,57 @@ def encoder_only(ctx, r):
 
 
 @rule(
+    "TFB109",
+    "Decoder forward lacks an argument vLLM compiles on",
+    Severity.ERROR,
+    rationale="""
+vLLM 0.32 decorates the class of `model.get_decoder()` for torch.compile with `input_ids`,
+`inputs_embeds` and `position_ids` as dynamic arguments, and `support_torch_compile` raises
+"Argument position_ids not found in the forward method of <class>" for any of them the forward
+does not name (a `**kwargs` catch-all does not count). It happens before any weight is read:
+the model cannot be served through the backend at all. Encoder–decoder decoders (BART family)
+and state-space models (Mamba, xLSTM) are the usual cases.
+""",
+    fix="serve with vLLM's native implementation of this architecture",
+)
+def decoder_compile_args(ctx, r):
+    facts = ctx.facts
+    needed = ctx.profile.decoder_compile_args
+    if not needed or facts.decoder_forward_args is None:
+        return
+    missing = [a for a in needed if a not in facts.decoder_forward_args]
+    if missing:
+        yield r.finding(
+            f"{facts.decoder_class}.forward does not name {', '.join(missing)}: vLLM's "
+            "torch.compile decoration raises before the model is built",
+            missing=missing,
+            decoder=facts.decoder_class,
+        )
+
+
+@rule(
+    "TFB110",
+    "AutoModel cannot build this config",
+    Severity.ERROR,
+    rationale="""
+The backend builds the model with `AutoModel.from_config(config)` and nothing else: a config
+class transformers maps only to a task head (a causal LM) and not to a base model, e.g. a text
+config saved on its own from a multimodal family, raises "Unrecognized configuration class ...
+for this kind of AutoModel". tfbackend falls back to the causal LM's base model to keep
+checking, but vLLM does not.
+""",
+    fix="give vLLM the full (e.g. multimodal) config the text config came from, or serve with "
+    "vLLM's native implementation",
+)
+def auto_model(ctx, r):
+    if ctx.facts.auto_model_error:
+        yield r.finding(
+            f"AutoModel.from_config raises for {ctx.facts.config.model_type!r}: "
+            f"{ctx.facts.auto_model_error}"
+        )
+
+
+@rule(
     "TFB108",
     "Vision or audio tower present",
     Severity.INFO,
