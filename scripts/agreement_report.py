@@ -50,6 +50,37 @@ EXPLAINED: list[tuple[str, object, str]] = [
 ]
 
 
+# vLLM's refusals, by the message it raises, and the tfbackend rules that name the same cause.
+REFUSAL_CAUSES: list[tuple[str, set[str]]] = [
+    ("is not compatible with vLLM", {"TFB401"}),
+    ("does not dispatch through the Transformers attention interface", {"TFB401"}),
+    ("not found in the forward method", {"TFB109"}),
+    ("dispatches attention from more than one module", {"TFB406"}),
+    ("Unrecognized configuration class", {"TFB110"}),
+    ("is not divisible by", {"TFB203", "TFB204", "TFB206", "TFB211"}),
+    ("no attribute 'num_hidden_layers'", {"TFB106"}),
+    # an attention class picked from a dict keyed by the attention implementation (GIT's
+    # GIT_SELF_ATTENTION_CLASSES[config._attn_implementation]): attention outside the interface
+    ("KeyError: 'vllm'", {"TFB401"}),
+    # moe.py recursive_replace: `assert top_k is not None`
+    ("AssertionError", {"TFB511"}),
+    # vLLM parses this model_type with its own config class (transformers_utils/configs/), which
+    # rejects transformers' default: a vLLM-side config, outside what tfbackend reads
+    ("StrictDataclassClassValidationError", set()),
+]
+
+
+def refusal_cause(error: str) -> tuple[str, set[str]] | None:
+    """The catalogued cause of vLLM's exception (matched on its whole text), if any."""
+    return next(((n, rules) for n, rules in REFUSAL_CAUSES if n in error), None)
+
+
+def same_cause(row) -> bool | None:
+    """Whether tfbackend's errors name the cause vLLM raised for; None: a cause not catalogued."""
+    cause = refusal_cause(row.vllm_error)
+    return None if cause is None else bool(cause[1] & set(row.errors))
+
+
 @dataclass
 class Row:
     model_type: str
@@ -62,6 +93,8 @@ class Row:
     compared: int = 0
     agreed: int = 0
     disagreements: list[dict] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # tfbackend check's error rule ids
+    vllm_error: str = ""
 
 
 def architectures() -> list[tuple[str, str]]:
@@ -91,7 +124,15 @@ def prepare(model_type: str, arch: str, root: str):
     d = os.path.join(root, model_type)
     config.save_pretrained(d)
     facts = facts_from_config(config, SourceInfo("local", d, os.path.join(d, "config.json")))
-    return d, facts, arch, text_of
+    # `tfbackend check <folder>` (and vLLM) read the config back: some defaults do not survive it.
+    reloads = True
+    try:
+        from tfbackend.inspect.config import load_config
+
+        load_config(facts.source)
+    except Exception:  # noqa: BLE001 - check would stop here with a one-line error (exit 2)
+        reloads = False
+    return d, facts, arch, text_of, reloads
 
 
 def run_builds(dirs: list[str], tp: int, model_timeout: float, log, keep) -> list[tuple[list, str]]:
@@ -165,13 +206,32 @@ def explain(dis) -> str:
     return ""
 
 
-def row_for(model_type, arch, text_of, tp, facts, ranks, why) -> Row:
+# Memory rules are left out: the default configs are full-size, and whether a rank fits its
+# weights says nothing about whether vLLM can build the model.
+_NOT_CONSTRUCTION = ["TFB710", "TFB711"]
+
+
+def predicted_errors(facts, tp: int) -> list[str]:
+    """The error rules tfbackend's own `check` raises for this config at this tp (profile
+    vllm-0.32): what it predicts about vLLM refusing, or building something that cannot work."""
+    from tfbackend.check import CheckOptions, check_facts
+
+    options = CheckOptions(tp=tp, vllm_version="0.32.0", no_checkpoint=True)
+    options.ignore = list(_NOT_CONSTRUCTION)
+    report = check_facts(facts, options)
+    return sorted({f.rule_id for f in report.findings if f.severity.value == "error"})
+
+
+def row_for(model_type, arch, text_of, tp, facts, ranks, why, reloads=True) -> Row:
     from tfbackend.replace.planner import build_plan
     from tfbackend.replace.profiles import PROFILES
     from tfbackend.vllm_bridge.diff import compare
     from tfbackend.vllm_bridge.run import ParallelBuild
 
     row = Row(model_type, arch, tp, "", text_of=text_of)
+    row.errors = predicted_errors(facts, tp)
+    if not reloads:
+        row.errors.insert(0, "exit 2")
     if why:
         row.status = "timed out" if why.startswith("timed out") else "worker died"
         row.detail = why
@@ -180,7 +240,12 @@ def row_for(model_type, arch, text_of, tp, facts, ranks, why) -> Row:
     a = compare(facts, plan, ParallelBuild(tp=tp, pp=1, ranks=ranks))
     row.compared, row.agreed = a.compared, a.agreed
     if a.vllm_error:
-        row.status, row.detail = "vLLM raised", a.vllm_error.splitlines()[0][:240]
+        row.vllm_error = a.vllm_error
+        lines = [ln.strip() for ln in a.vllm_error.splitlines() if ln.strip()]
+        cause = refusal_cause(a.vllm_error)
+        # The line that says why (pydantic puts it under a generic first line).
+        shown = next((ln for ln in lines if cause and cause[0] in ln), lines[0] if lines else "")
+        row.status, row.detail = "vLLM raised", shown[:240]
         return row
     row.disagreements = [asdict(d) for d in a.disagreements]
     if not a.disagreements:
@@ -227,8 +292,8 @@ def main() -> None:
         prepared = []
         for model_type, arch in archs:
             try:
-                d, facts, arch, text_of = prepare(model_type, arch, root)
-                prepared.append((model_type, arch, text_of, d, facts))
+                d, facts, arch, text_of, reloads = prepare(model_type, arch, root)
+                prepared.append((model_type, arch, text_of, d, facts, reloads))
             except Exception as exc:
                 first = (str(exc).splitlines() or [""])[0][:200]
                 for tp in tps:
@@ -249,13 +314,28 @@ def main() -> None:
                             json.dump(raw[key], fh)
 
                 run_builds([p[3] for p in todo], tp, args.model_timeout, log, keep)
-            for model_type, arch, text_of, _, facts in prepared:
+            for model_type, arch, text_of, _, facts, reloads in prepared:
                 got = raw.get(f"{model_type}@tp{tp}")
                 if got is None:
                     rows.append(Row(model_type, arch, tp, "not run", "not reached in this run"))
                     continue
-                rows.append(row_for(model_type, arch, text_of, tp, facts, got["ranks"], got["why"]))
+                rows.append(
+                    row_for(model_type, arch, text_of, tp, facts, got["ranks"], got["why"], reloads)
+                )
     write(rows, args.out, time.monotonic() - started)
+
+
+def _verdict(r: Row) -> str:
+    if r.status == "no facts":
+        return "-"
+    if r.errors:
+        text = "FAIL " + ", ".join(r.errors)
+        if r.status == "vLLM raised":
+            text += {False: " (another cause)", None: " (vLLM's cause not catalogued)"}.get(
+                same_cause(r), ""
+            )
+        return text
+    return "**no error (missed)**" if r.status == "vLLM raised" else "no error"
 
 
 def _cell(text: str) -> str:
@@ -270,12 +350,20 @@ def write(rows: list[Row], out: str, seconds: float) -> None:
     rate = f"{100 * agree / len(built):.1f}%" if built else "n/a"
     explained = sum(r.status == "disagree" and "UNEXPLAINED" not in r.why for r in built)
     versions = ", ".join(f"{p} {md.version(p)}" for p in ("transformers", "vllm", "torch"))
+    refused = [r for r in rows if r.status == "vLLM raised"]
+    foreseen = sum(bool(r.errors) for r in refused)
+    same = sum(same_cause(r) is True for r in refused)
     lines = [
         "# Agreement: tfbackend's plan vs vLLM 0.32's own Transformers-backend build",
         "",
         f"**Full agreement: {agree}/{len(built)} ({rate})** of the (architecture, tp) pairs "
         "vLLM built on meta; every disagreement left is explained below "
         f"({explained}/{len(built) - agree} explained).",
+        "",
+        f"**vLLM refused {len(refused)} pairs; tfbackend's `check` fails {foreseen} of them**, "
+        f"{same} with a rule that names the very cause vLLM raised for (column *tfbackend "
+        "check*: its error rules, memory rules aside; *exit 2*: the config does not load back, "
+        "`check` stops with a one-line error).",
         "",
         "Generated by `python3 scripts/agreement_report.py`; do not edit by hand. Default "
         "configs from `CONFIG_MAPPING[model_type]()` (the text config for multimodal ones), "
@@ -290,7 +378,7 @@ def write(rows: list[Row], out: str, seconds: float) -> None:
     ]
     lines += _table(
         "Built by vLLM",
-        ["model_type", "architecture", "tp", "status", "agreed", "why / detail"],
+        ["model_type", "architecture", "tp", "status", "agreed", "tfbackend check", "why / detail"],
         [
             [
                 r.model_type + (f" (text of {r.text_of})" if r.text_of else ""),
@@ -298,6 +386,7 @@ def write(rows: list[Row], out: str, seconds: float) -> None:
                 str(r.tp),
                 r.status,
                 f"{r.agreed}/{r.compared}",
+                _verdict(r),
                 (f"**{r.why}** — " if r.why else "") + (r.detail if r.status != "agree" else ""),
             ]
             for r in sorted(built, key=lambda r: (r.status == "agree", r.model_type, r.tp))
@@ -306,10 +395,10 @@ def write(rows: list[Row], out: str, seconds: float) -> None:
     rest = [r for r in rows if r.status not in ("agree", "disagree")]
     lines += _table(
         "Not built (vLLM raised, transformers could not build the default config, or timed out)",
-        ["model_type", "architecture", "tp", "status", "first line of the exception"],
+        ["model_type", "architecture", "tp", "status", "tfbackend check", "first line of the exception"],
         [
             [r.model_type + (f" (text of {r.text_of})" if r.text_of else ""), r.arch]
-            + [str(r.tp), r.status, r.detail]
+            + [str(r.tp), r.status, _verdict(r), r.detail]
             for r in sorted(rest, key=lambda r: (r.status, r.model_type, r.tp))
         ],
     )
