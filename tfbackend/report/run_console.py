@@ -10,6 +10,7 @@ from rich.live import Live
 from rich.table import Table
 
 from tfbackend.parity.runner import PHASES, RunReport
+from tfbackend.report.units import gib
 
 _MARK = {"running": "[yellow]…[/]", "done": "[green]✓[/]", "pending": "[dim]·[/]"}
 
@@ -58,7 +59,7 @@ def _fmt(x: float | None, spec: str = ".2e") -> str:
 
 
 def _gib(n: int | None) -> str:
-    return "—" if not n else f"{n / 2**30:.2f} GiB"
+    return "—" if not n else gib(n)
 
 
 def render_run(report: RunReport, console: Console | None = None) -> None:

@@ -13,3 +13,8 @@ def size(n: int, smallest: str = "KiB") -> str:
     if n >= MIB or smallest == "MiB":
         return f"{n / MIB:.2f} MiB"
     return f"{n / 1024:.2f} KiB"
+
+
+def gib(n: int) -> str:
+    """Always in GiB: memory budgets read best in one unit."""
+    return f"{n / GIB:.2f} GiB"

@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 from tfbackend.report.findings import Severity
+from tfbackend.report.units import gib
 from tfbackend.rules.registry import rule
-
-GIB = 1024**3
-
-
-def _gib(n: int) -> str:
-    return f"{n / GIB:.2f} GiB"
 
 
 def _ranks(st) -> str:
@@ -36,8 +31,8 @@ def weights_do_not_fit(ctx, r):
     for st in mem.stages:
         if not st.weights_fit:
             yield r.finding(
-                f"stage {st.stage} ({_ranks(st)}): weights {_gib(st.weight_bytes)} exceed "
-                f"{_gib(st.budget_bytes)} ({mem.gpu_memory_utilization:.0%} of "
+                f"stage {st.stage} ({_ranks(st)}): weights {gib(st.weight_bytes)} exceed "
+                f"{gib(st.budget_bytes)} ({mem.gpu_memory_utilization:.0%} of "
                 f"{mem.gpu_memory_gib:g} GiB)",
                 stage=st.stage,
                 weight_bytes=st.weight_bytes,
@@ -65,9 +60,9 @@ def kv_does_not_fit(ctx, r):
         if st.weights_fit and not st.fits:
             fit = f"; about {st.max_kv_tokens:,} tokens fit" if st.max_kv_tokens is not None else ""
             yield r.finding(
-                f"stage {st.stage} ({_ranks(st)}): weights {_gib(st.weight_bytes)} + KV for "
-                f"{mem.max_model_len:,} tokens {_gib(st.kv_bytes_max_len)} exceed "
-                f"{_gib(st.budget_bytes)}{fit}",
+                f"stage {st.stage} ({_ranks(st)}): weights {gib(st.weight_bytes)} + KV for "
+                f"{mem.max_model_len:,} tokens {gib(st.kv_bytes_max_len)} exceed "
+                f"{gib(st.budget_bytes)}{fit}",
                 stage=st.stage,
                 kv_bytes_max_len=st.kv_bytes_max_len,
                 max_kv_tokens=st.max_kv_tokens,

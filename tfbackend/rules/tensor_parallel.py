@@ -7,15 +7,8 @@ from math import prod
 
 from tfbackend.replace.plan import K_EXPERTS, K_LINEAR
 from tfbackend.report.findings import Severity
+from tfbackend.report.units import size
 from tfbackend.rules.registry import rule
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def _bytes_per_param(ctx) -> int:
@@ -78,7 +71,7 @@ def unknown_style(ctx, r):
         extra = params * bpp * (ctx.tp - 1) // ctx.tp
         yield r.finding(
             f"{len(entries)} linear(s) with style {style!r} become ReplicatedLinear: "
-            f"{_fmt_bytes(extra)} more per rank than sharding would need",
+            f"{size(extra)} more per rank than sharding would need",
             modules=[e.qualname for e in entries],
             style=style,
             count=len(entries),
@@ -294,8 +287,8 @@ def replicated_linears(ctx, r):
     # Under 1% of the model: routers and gates, replicated on purpose.
     small = total < 0.01 * max(ctx.facts.num_parameters, 1)
     yield r.finding(
-        f"{len(left)} linear(s) replicated ({kinds}): {_fmt_bytes(total * bpp)} in all, "
-        f"{_fmt_bytes(extra)} more per rank than sharding would need{note}",
+        f"{len(left)} linear(s) replicated ({kinds}): {size(total * bpp)} in all, "
+        f"{size(extra)} more per rank than sharding would need{note}",
         severity=Severity.INFO if small or unmodelled else Severity.WARNING,
         modules=sorted(sizes, key=lambda q: -sizes[q])[:16],
         params=total,
