@@ -90,6 +90,7 @@ class Row:
     detail: str = ""
     why: str = ""
     text_of: str = ""  # the multimodal model_type whose text config this is
+    layers: int | None = None  # built with this many decoder layers instead of the default
     compared: int = 0
     agreed: int = 0
     disagreements: list[dict] = field(default_factory=list)
@@ -107,8 +108,21 @@ def architectures() -> list[tuple[str, str]]:
     return sorted(out)
 
 
-def prepare(model_type: str, arch: str, root: str):
-    """config.json of the default config (its text config for a multimodal one) and the facts."""
+def shortened(config, layers: int):
+    """The same config with `layers` decoder layers. Per-layer lists of the old length
+    (layer_types, mlp_layer_types, ...) are dropped so the config class derives them anew."""
+    old = config.num_hidden_layers
+    kept = {
+        k: v
+        for k, v in config.to_dict().items()
+        if not (isinstance(v, list) and len(v) == old and old != layers)
+    }
+    return type(config)(**{**kept, "num_hidden_layers": layers})
+
+
+def prepare(model_type: str, arch: str, root: str, layers: int | None = None):
+    """config.json of the default config (its text config for a multimodal one) and the facts;
+    `layers`: cut to that many decoder layers (for builds vLLM takes too long over at full size)."""
     from transformers import CONFIG_MAPPING
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -120,6 +134,8 @@ def prepare(model_type: str, arch: str, root: str):
     if text is not config:
         text_of, config = model_type, text
         arch = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(text.model_type, arch)
+    if layers:
+        config = shortened(config, layers)
     config.architectures = [arch]
     d = os.path.join(root, model_type)
     config.save_pretrained(d)
@@ -270,6 +286,12 @@ def main() -> None:
     ap.add_argument("--out", default="reports/agreement.md")
     ap.add_argument("--raw", default=None, help="folder to save every build in (json each)")
     ap.add_argument("--from-raw", default=None, help="re-diff the builds saved in this folder")
+    ap.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="cut each config to this many decoder layers (for models vLLM builds too slowly)",
+    )
     args = ap.parse_args()
     # A clean exit on SIGTERM lets multiprocessing end the daemonic workers: none is orphaned.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
@@ -291,9 +313,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         prepared = []
         for model_type, arch in archs:
+            # A saved build records the layer count it was made with; the plan must match it.
+            saved_layers = next(
+                (raw[k].get("layers") for k in (f"{model_type}@tp{t}" for t in tps) if k in raw),
+                None,
+            )
+            layers = saved_layers if args.from_raw or saved_layers else args.layers
             try:
-                d, facts, arch, text_of, reloads = prepare(model_type, arch, root)
-                prepared.append((model_type, arch, text_of, d, facts, reloads))
+                d, facts, arch, text_of, reloads = prepare(model_type, arch, root, layers)
+                prepared.append((model_type, arch, text_of, d, facts, reloads, layers))
             except Exception as exc:
                 first = (str(exc).splitlines() or [""])[0][:200]
                 for tp in tps:
@@ -307,22 +335,32 @@ def main() -> None:
 
                 def keep(i, ranks, why, tp=tp, todo=todo):
                     key = f"{todo[i][0]}@tp{tp}"
-                    raw[key] = {"ranks": ranks, "why": why}
+                    raw[key] = {"ranks": ranks, "why": why, "layers": todo[i][6]}
                     if args.raw:
                         os.makedirs(args.raw, exist_ok=True)
                         with open(os.path.join(args.raw, key + ".json"), "w") as fh:
                             json.dump(raw[key], fh)
 
                 run_builds([p[3] for p in todo], tp, args.model_timeout, log, keep)
-            for model_type, arch, text_of, _, facts, reloads in prepared:
+            for model_type, arch, text_of, _, facts, reloads, layers in prepared:
                 got = raw.get(f"{model_type}@tp{tp}")
                 if got is None:
                     rows.append(Row(model_type, arch, tp, "not run", "not reached in this run"))
                     continue
-                rows.append(
-                    row_for(model_type, arch, text_of, tp, facts, got["ranks"], got["why"], reloads)
+                row = row_for(
+                    model_type, arch, text_of, tp, facts, got["ranks"], got["why"], reloads
                 )
+                row.layers = layers
+                rows.append(row)
     write(rows, args.out, time.monotonic() - started)
+
+
+def _name(r: Row) -> str:
+    return (
+        r.model_type
+        + (f" (text of {r.text_of})" if r.text_of else "")
+        + (f" ({r.layers} layers)" if r.layers else "")
+    )
 
 
 def _verdict(r: Row) -> str:
@@ -381,7 +419,7 @@ def write(rows: list[Row], out: str, seconds: float) -> None:
         ["model_type", "architecture", "tp", "status", "agreed", "tfbackend check", "why / detail"],
         [
             [
-                r.model_type + (f" (text of {r.text_of})" if r.text_of else ""),
+                _name(r),
                 r.arch,
                 str(r.tp),
                 r.status,
@@ -397,7 +435,7 @@ def write(rows: list[Row], out: str, seconds: float) -> None:
         "Not built (vLLM raised, transformers could not build the default config, or timed out)",
         ["model_type", "architecture", "tp", "status", "tfbackend check", "first line of the exception"],
         [
-            [r.model_type + (f" (text of {r.text_of})" if r.text_of else ""), r.arch]
+            [_name(r), r.arch]
             + [str(r.tp), r.status, _verdict(r), r.detail]
             for r in sorted(rest, key=lambda r: (r.status, r.model_type, r.tp))
         ],
