@@ -23,6 +23,7 @@ from tfbackend.inspect.facts import (
     SourceInfo,
 )
 from tfbackend.inspect.fusables import fusion_fact, router_scoring
+from tfbackend.inspect.heterogeneous import layer_geometry, whole_model
 from tfbackend.inspect.norms import EPS_ATTRS, classify_norm, norm_eps, zero_initialised
 
 LAYERNORM = "layernorm"
@@ -93,8 +94,15 @@ def _vocab_sizes(config: Any) -> set[int]:
 def config_facts(config: Any, text: Any) -> ConfigFacts:
     heads = _int(get(text, "num_attention_heads", None))
     hidden = _int(get(text, "hidden_size", None))
-    kv = _int(get(text, "num_key_value_heads", None)) or heads
+    kv = _int(get(text, "num_key_value_heads", None))
     head_dim = _int(get(text, "head_dim", None))
+    layers = layer_geometry(text)
+    if layers:
+        # A per-layer attribute raises on a whole-model read (None above): the largest layer's.
+        heads = heads or whole_model(layers, "num_attention_heads")
+        kv = kv or whole_model(layers, "num_key_value_heads")
+        head_dim = head_dim or whole_model(layers, "head_dim")
+    kv = kv or heads
     if head_dim is None and hidden and heads:
         head_dim = hidden // heads
     num_experts, experts_attr = first_attr(text, NUM_EXPERTS)
@@ -127,6 +135,7 @@ def config_facts(config: Any, text: Any) -> ConfigFacts:
         sub_configs=sorted(subs),
         raw=raw,
         vocab_sizes=sorted(_vocab_sizes(config)),
+        layer_geometry=layers,
         model_type=get(config, "model_type", "") or "",
         architectures=list(get(config, "architectures", None) or []),
         hidden_size=hidden,

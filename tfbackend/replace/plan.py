@@ -64,6 +64,9 @@ class AttentionSpec:
     scaling: str | None
     sinks: bool
     stage: int
+    # The dispatching module's own parameters per rank (it stays HF code; vLLM 0.32 re-creates
+    # its learned sinks split over tp). Empty when it holds none.
+    params: list[ParamShard] = field(default_factory=list)
 
 
 @dataclass
