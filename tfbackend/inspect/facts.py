@@ -11,6 +11,7 @@ from typing import Any
 # Module kinds the walker tells apart; everything else is "other".
 LINEAR = "linear"
 CONV1D = "conv1d"  # GPT-2 style transposed linear: the backend never replaces it
+CONV = "conv"  # nn.Conv2d / nn.Conv3d (and subclasses): vLLM 0.32 swaps the exact classes
 EMBEDDING = "embedding"
 NORM = "norm"
 EXPERTS = "experts"

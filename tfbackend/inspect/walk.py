@@ -9,6 +9,7 @@ from typing import Any
 from tfbackend.inspect import attention as attn
 from tfbackend.inspect.facts import (
     ATTENTION,
+    CONV,
     CONV1D,
     EMBEDDING,
     EXPERTS,
@@ -228,6 +229,7 @@ def walk(model: Any, config: Any, text: Any, source: SourceInfo) -> ModelFacts:
     has_non_causal = False
     for name, module in model.named_modules():
         if not name:
+            modules.extend(_root_fact(module))
             continue
         qualname = f"model.{name}"
         if getattr(module, "is_causal", True) is False:
@@ -250,6 +252,14 @@ def walk(model: Any, config: Any, text: Any, source: SourceInfo) -> ModelFacts:
         elif Conv1D and isinstance(module, Conv1D):
             fact.kind = CONV1D
             fact.attrs = {"in_features": module.nx, "out_features": module.nf}
+        elif isinstance(module, (nn.Conv2d, nn.Conv3d)):
+            fact.kind = CONV
+            fact.attrs = {
+                "dims": 2 if isinstance(module, nn.Conv2d) else 3,
+                # replace_conv_class maps the exact classes only; a subclass is kept
+                "exact": cls in (nn.Conv2d, nn.Conv3d),
+                "padding_mode": module.padding_mode,
+            }
         elif isinstance(module, nn.Embedding):
             fact.kind = EMBEDDING
             scale = getattr(module, "embed_scale", None)
@@ -336,6 +346,15 @@ def walk(model: Any, config: Any, text: Any, source: SourceInfo) -> ModelFacts:
         modules=modules,
         versions=versions(),
     )
+
+
+def _root_fact(model: Any) -> list[ModuleFact]:
+    """The base model itself, when it owns parameters directly (Zaya's input scale and bias):
+    vLLM keeps it as HF code under the name `model`, and loads those tensors into it."""
+    own = {n: _shape(p) for n, p in model.named_parameters(recurse=False)}
+    if not own:
+        return []
+    return [ModuleFact(qualname="model", class_name=type(model).__name__, kind=OTHER, params=own)]
 
 
 def _sinks_shape(module: Any, call: attn.InterfaceCall | None) -> list[int] | None:

@@ -19,6 +19,7 @@ K_LM_HEAD = "lm_head"
 K_NORM = "norm"
 K_LAYERNORM = "layernorm"
 K_EXPERTS = "experts"
+K_CONV = "conv"
 K_UNCHANGED = "unchanged"  # a module the backend leaves as HF code (listed when it matters)
 
 # Shard dims of a parameter: None = replicated on every rank.

@@ -26,6 +26,7 @@ from tfbackend.inspect.facts import (
 )
 from tfbackend.inspect.walk import LAYERNORM
 from tfbackend.replace.attention import layer_heads, own_params
+from tfbackend.replace.leaves import leave_unvisited, plan_convs
 from tfbackend.replace.pipeline import stage_layout
 from tfbackend.replace.plan import (
     K_EMBEDDING,
@@ -134,6 +135,8 @@ def build_plan(facts: ModelFacts, *, tp: int = 1, pp: int = 1, profile: Profile)
     _plan_linears(facts, plan, profile, stage_of, fused)
     _plan_embeddings(facts, plan, profile, stage_of)
     _plan_norms(facts, plan, profile, stage_of, fused)
+    plan_convs(facts, plan, profile, stage_of)
+    leave_unvisited(facts, plan, profile)
     _plan_attention(facts, plan, profile)
     return plan
 
@@ -168,6 +171,8 @@ def _inferred_pp_names(facts: ModelFacts) -> tuple[list[str], list[str]]:
     children: list[str] = []
     lists: list[str] = []
     for m in facts.modules:
+        if m.qualname == "model":
+            continue  # the base model's own parameters are no child of it
         name = m.qualname.removeprefix("model.")
         top = name.split(".", 1)[0]
         if top in children:
