@@ -11,6 +11,7 @@ from typing import Any
 # Module kinds the walker tells apart; everything else is "other".
 LINEAR = "linear"
 CONV1D = "conv1d"  # GPT-2 style transposed linear: the backend never replaces it
+CONV = "conv"  # nn.Conv2d / nn.Conv3d (and subclasses): vLLM 0.32 swaps the exact classes
 EMBEDDING = "embedding"
 NORM = "norm"
 EXPERTS = "experts"
@@ -88,6 +89,11 @@ class ConfigFacts:
     # Every int under a key containing "vocab_size", sub-configs included: vLLM ≥ 0.32 takes an
     # nn.Embedding of any of these sizes for a vocab table (TransformersBase._vocab_embeddings)
     vocab_sizes: list[int] = field(default_factory=list)
+    # A heterogeneous config's per-layer {head_dim, num_attention_heads, num_key_value_heads}
+    # (transformers' per_layer_config; vLLM sizes each layer's Attention from its own); None
+    # when every layer is the whole-model config. The whole-model numbers above are then the
+    # largest layer's, as vLLM's ModelArchitectureConfig.from_layers keeps them.
+    layer_geometry: list[dict[str, int]] | None = None
 
 
 @dataclass

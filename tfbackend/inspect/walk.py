@@ -9,6 +9,7 @@ from typing import Any
 from tfbackend.inspect import attention as attn
 from tfbackend.inspect.facts import (
     ATTENTION,
+    CONV,
     CONV1D,
     EMBEDDING,
     EXPERTS,
@@ -23,6 +24,7 @@ from tfbackend.inspect.facts import (
     SourceInfo,
 )
 from tfbackend.inspect.fusables import fusion_fact, router_scoring
+from tfbackend.inspect.heterogeneous import layer_geometry, whole_model
 from tfbackend.inspect.norms import EPS_ATTRS, classify_norm, norm_eps, zero_initialised
 
 LAYERNORM = "layernorm"
@@ -93,8 +95,15 @@ def _vocab_sizes(config: Any) -> set[int]:
 def config_facts(config: Any, text: Any) -> ConfigFacts:
     heads = _int(get(text, "num_attention_heads", None))
     hidden = _int(get(text, "hidden_size", None))
-    kv = _int(get(text, "num_key_value_heads", None)) or heads
+    kv = _int(get(text, "num_key_value_heads", None))
     head_dim = _int(get(text, "head_dim", None))
+    layers = layer_geometry(text)
+    if layers:
+        # A per-layer attribute raises on a whole-model read (None above): the largest layer's.
+        heads = heads or whole_model(layers, "num_attention_heads")
+        kv = kv or whole_model(layers, "num_key_value_heads")
+        head_dim = head_dim or whole_model(layers, "head_dim")
+    kv = kv or heads
     if head_dim is None and hidden and heads:
         head_dim = hidden // heads
     num_experts, experts_attr = first_attr(text, NUM_EXPERTS)
@@ -127,6 +136,7 @@ def config_facts(config: Any, text: Any) -> ConfigFacts:
         sub_configs=sorted(subs),
         raw=raw,
         vocab_sizes=sorted(_vocab_sizes(config)),
+        layer_geometry=layers,
         model_type=get(config, "model_type", "") or "",
         architectures=list(get(config, "architectures", None) or []),
         hidden_size=hidden,
@@ -219,6 +229,7 @@ def walk(model: Any, config: Any, text: Any, source: SourceInfo) -> ModelFacts:
     has_non_causal = False
     for name, module in model.named_modules():
         if not name:
+            modules.extend(_root_fact(module))
             continue
         qualname = f"model.{name}"
         if getattr(module, "is_causal", True) is False:
@@ -241,6 +252,14 @@ def walk(model: Any, config: Any, text: Any, source: SourceInfo) -> ModelFacts:
         elif Conv1D and isinstance(module, Conv1D):
             fact.kind = CONV1D
             fact.attrs = {"in_features": module.nx, "out_features": module.nf}
+        elif isinstance(module, (nn.Conv2d, nn.Conv3d)):
+            fact.kind = CONV
+            fact.attrs = {
+                "dims": 2 if isinstance(module, nn.Conv2d) else 3,
+                # replace_conv_class maps the exact classes only; a subclass is kept
+                "exact": cls in (nn.Conv2d, nn.Conv3d),
+                "padding_mode": module.padding_mode,
+            }
         elif isinstance(module, nn.Embedding):
             fact.kind = EMBEDDING
             scale = getattr(module, "embed_scale", None)
@@ -327,6 +346,15 @@ def walk(model: Any, config: Any, text: Any, source: SourceInfo) -> ModelFacts:
         modules=modules,
         versions=versions(),
     )
+
+
+def _root_fact(model: Any) -> list[ModuleFact]:
+    """The base model itself, when it owns parameters directly (Zaya's input scale and bias):
+    vLLM keeps it as HF code under the name `model`, and loads those tensors into it."""
+    own = {n: _shape(p) for n, p in model.named_parameters(recurse=False)}
+    if not own:
+        return []
+    return [ModuleFact(qualname="model", class_name=type(model).__name__, kind=OTHER, params=own)]
 
 
 def _sinks_shape(module: Any, call: attn.InterfaceCall | None) -> list[int] | None:

@@ -19,6 +19,7 @@ K_LM_HEAD = "lm_head"
 K_NORM = "norm"
 K_LAYERNORM = "layernorm"
 K_EXPERTS = "experts"
+K_CONV = "conv"
 K_UNCHANGED = "unchanged"  # a module the backend leaves as HF code (listed when it matters)
 
 # Shard dims of a parameter: None = replicated on every rank.
@@ -64,6 +65,9 @@ class AttentionSpec:
     scaling: str | None
     sinks: bool
     stage: int
+    # The dispatching module's own parameters per rank (it stays HF code; vLLM 0.32 re-creates
+    # its learned sinks split over tp). Empty when it holds none.
+    params: list[ParamShard] = field(default_factory=list)
 
 
 @dataclass

@@ -25,6 +25,8 @@ from tfbackend.inspect.facts import (
     ModuleFact,
 )
 from tfbackend.inspect.walk import LAYERNORM
+from tfbackend.replace.attention import layer_heads, own_params
+from tfbackend.replace.leaves import leave_unvisited, plan_convs
 from tfbackend.replace.pipeline import stage_layout
 from tfbackend.replace.plan import (
     K_EMBEDDING,
@@ -133,6 +135,8 @@ def build_plan(facts: ModelFacts, *, tp: int = 1, pp: int = 1, profile: Profile)
     _plan_linears(facts, plan, profile, stage_of, fused)
     _plan_embeddings(facts, plan, profile, stage_of)
     _plan_norms(facts, plan, profile, stage_of, fused)
+    plan_convs(facts, plan, profile, stage_of)
+    leave_unvisited(facts, plan, profile)
     _plan_attention(facts, plan, profile)
     return plan
 
@@ -167,6 +171,8 @@ def _inferred_pp_names(facts: ModelFacts) -> tuple[list[str], list[str]]:
     children: list[str] = []
     lists: list[str] = []
     for m in facts.modules:
+        if m.qualname == "model":
+            continue  # the base model's own parameters are no child of it
         name = m.qualname.removeprefix("model.")
         top = name.split(".", 1)[0]
         if top in children:
@@ -473,9 +479,9 @@ def _plan_attention(facts: ModelFacts, plan: ReplacementPlan, profile: Profile) 
             if isinstance(idx, int) and idx not in by_layer:
                 by_layer[idx] = m
     encoder = facts.has_non_causal_module and not cfg.is_multimodal
-    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
     tp = plan.tp
     for i in range(n):
+        heads, kv, head_size = layer_heads(cfg, i)
         stage = 0
         for st in plan.stages:
             if st.layers[0] <= i < st.layers[1]:
@@ -495,12 +501,13 @@ def _plan_attention(facts: ModelFacts, plan: ReplacementPlan, profile: Profile) 
                 heads_per_rank=split(heads, tp) if heads else None,
                 kv_heads_per_rank=max(1, kv // tp) if kv else None,
                 kv_replicated=bool(kv and kv < tp),
-                head_size=cfg.head_dim,
+                head_size=head_size,
                 sliding_window=sliding,
                 logits_soft_cap=cfg.attn_logit_softcapping,
                 scaling=m.attrs.get("scaling") if m else None,
                 sinks=bool(m and m.attrs.get("s_aux")),
                 stage=stage,
+                params=own_params(m, tp, shards_sinks=profile.fuses) if m else [],
             )
         )
 

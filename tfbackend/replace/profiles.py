@@ -49,6 +49,7 @@ class Profile:
     attention_check: str = "supports_backend"  # "supports_backend" | "per_layer_interface"
     vocab_embeddings: str = "input"  # "input" | "by_vocab_size"
     replaces_layernorm: bool = False
+    replaces_conv: bool = False  # exact nn.Conv2d/nn.Conv3d → Conv2dLayer/Conv3dLayer
     fuses: bool = False  # q/k/v, gate/up, ... fused (vLLM's fuser)
     vocab_padding: int = 64
     refused_quant: tuple[str, ...] = ("mxfp4",)
@@ -128,6 +129,7 @@ PROFILES: dict[str, Profile] = {
             attention_check="per_layer_interface",
             vocab_embeddings="by_vocab_size",
             replaces_layernorm=True,
+            replaces_conv=True,
             fuses=True,
             refused_quant=("mxfp4", "gpt_oss_mxfp4"),
             # Absent from 0.32's QUANTIZATION_METHODS: only an out-of-tree plugin

@@ -118,6 +118,15 @@ def _compare_rank(hf, plan: ReplacementPlan, rank: dict, agreement: Agreement) -
     for a in plan.attention:
         if a.qualname is None or not _on_rank(a.stage, pp_rank, plan.pp):
             continue
+        if a.params and a.qualname in built:
+            # The dispatching module's own parameters (learned sinks split over tp).
+            claimed.add(a.qualname)
+            agreement.compared += 1
+            ours = {p.name: p.rank_shape for p in a.params}
+            if ours == built[a.qualname]["params"]:
+                agreement.agreed += 1
+            else:
+                differ(a.qualname, "shape", _fmt(ours), _fmt(built[a.qualname]["params"]))
         qualname = f"{a.qualname}.attn"
         if qualname not in built:
             continue
