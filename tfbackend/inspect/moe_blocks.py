@@ -12,7 +12,7 @@ vLLM moves routing (and a shared expert) into its MoERunner only when every step
    (`_match_shared_experts`);
 4. no other child holds state (fail closed: the rewritten forward would drop it).
 
-vLLM reads steps 3 from an fx trace; we read the same dataflow from the forward's source,
+vLLM reads step 3 from an fx trace; we read the same dataflow from the forward's source,
 position by position (a name means its latest assignment before the use), following only the
 branch of an `if self.<flag>:` the instance takes, as tracing does. One reading per
 (class, children): the answer is plain data, `None` fields meaning "not found".
@@ -21,6 +21,7 @@ branch of an `if self.<flag>:` the instance takes, as tracing does. One reading 
 from __future__ import annotations
 
 import ast
+import operator
 from typing import Any
 
 from tfbackend.inspect.fusables import _forward_def, router_scoring
@@ -338,10 +339,11 @@ def _is_traced(block: Any, flow: _Flow, expr: ast.AST) -> bool:
     if isinstance(expr, ast.Constant):
         return False
     if (path := _self_path(expr)) is not None:
+        # a tensor attribute is a get_attr node; a Python number stays a constant
         try:
-            value = block.get_submodule(path) if "." not in path else None
+            value = operator.attrgetter(path)(block)
         except AttributeError:
-            value = getattr(block, path, None)
+            return False
         return isinstance(value, torch.Tensor | torch.nn.Module)
     return True
 
