@@ -41,12 +41,6 @@ EXPLAINED: list[tuple[str, object, str]] = [
         "tfbackend gap (not fixed): the plan sizes lm_head by hidden_size; ELECTRA's head reads "
         "embedding_size (128), which vLLM uses",
     ),
-    (
-        "router-not-matched",
-        lambda d: d.qualname.endswith((".mlp.gate", ".experts.gate", ".mlp.experts")),
-        "tfbackend gap (not fixed): vLLM's fx-based router match rejects this router and "
-        "routes in Transformers (TransformersMoERunner); tfbackend's AST reading accepts it",
-    ),
 ]
 
 

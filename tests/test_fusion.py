@@ -151,3 +151,114 @@ def test_router_that_scores_after_top_k_leaves_routing_in_transformers():
     )
     assert _entry(plan, "model.layers.0.mlp.experts").target == "TransformersMoERunner"
     assert plan.entry_for("model.layers.0.mlp.gate") is None
+
+
+QWEN2_MOE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=96,
+    num_experts=4,
+    num_experts_per_tok=2,
+    **TINY,
+)
+
+
+def test_qwen2_moe_shared_expert_and_its_gate_are_wrapped_in_the_moe_runner():
+    # vLLM's MoEBlockFuser finds `experts + sigmoid(shared_expert_gate(x)) * shared_expert(x)`:
+    # the runner holds SharedExperts → SharedExpertMLP(shared_experts=<the HF module>,
+    # gate=ReplicatedLinear), so the shared expert's layers exist under two names
+    plan = _plan("qwen2_moe", tp=2, **QWEN2_MOE)
+    mlp = "model.layers.0.mlp"
+    runner = _entry(plan, f"{mlp}.experts")
+    assert (runner.target, runner.extra["shared_expert"]) == ("MoERunner", f"{mlp}.shared_expert")
+    layer = f"{mlp}.experts._shared_experts._layer"
+    assert _entry(plan, f"{mlp}.experts._shared_experts").target == "SharedExperts"
+    assert _entry(plan, layer).target == "SharedExpertMLP"
+
+    def shapes(qualname):
+        e = _entry(plan, qualname)
+        return e.target, {p.name: p.rank_shape for p in e.params}
+
+    inner = f"{layer}.shared_experts"
+    # gate/up of the 96-wide shared expert merged, then split over 2 ranks
+    assert shapes(f"{inner}.gate_up_proj") == ("MergedColumnParallelLinear", {"weight": [96, 64]})
+    assert shapes(f"{inner}.down_proj") == ("RowParallelLinear", {"weight": [64, 48]})
+    assert shapes(f"{inner}.gate_up_proj") == shapes(f"{mlp}.shared_expert.gate_up_proj")
+    assert _entry(plan, f"{inner}.act_fn").target == "SiluAndMul"
+    # the one-logit gate is rebuilt replicated, reachable from the block and from the runner
+    assert shapes(f"{layer}.gate") == ("ReplicatedLinear", {"weight": [1, 64]})
+    assert shapes(f"{mlp}.shared_expert_gate") == ("ReplicatedLinear", {"weight": [1, 64]})
+    assert _entry(plan, f"{layer}.gate").extra["alias_of"] == f"{mlp}.shared_expert_gate"
+
+
+def test_shared_expert_aliases_cost_no_memory_twice():
+    from tfbackend.memory import estimate_memory
+
+    config = AutoConfig.for_model("qwen2_moe", **QWEN2_MOE)
+    facts = facts_from_config(config, SourceInfo("local", "x", "config.json"))
+    plan = build_plan(facts, tp=1, pp=1, profile=PROFILES["vllm-0.32"])
+    unaliased = build_plan(facts, tp=1, pp=1, profile=PROFILES["vllm-0.32"])
+    unaliased.entries = [e for e in plan.entries if "_shared_experts" not in e.qualname]
+
+    def weight_bytes(p):
+        return estimate_memory(facts, p, dtype="bfloat16").stages[0].weight_bytes
+
+    assert weight_bytes(plan) == weight_bytes(unaliased)
+
+
+def test_llama4_moe_block_returns_a_tuple_so_routing_stays_in_transformers():
+    # Llama4TextMoe.forward returns (out, router_logits): MoEBlockFuser.match gives up at
+    # `_returns_tuple` (its router, topk before sigmoid, would not match either)
+    plan = _plan(
+        "llama4_text",
+        tp=2,
+        hidden_size=64,
+        intermediate_size=32,
+        intermediate_size_mlp=128,
+        num_local_experts=4,
+        num_experts_per_tok=1,
+        head_dim=16,
+        **TINY,
+    )
+    ff = "model.layers.0.feed_forward"
+    assert _entry(plan, f"{ff}.experts").target == "TransformersMoERunner"
+    assert _entry(plan, f"{ff}.router").target == "ReplicatedLinear"
+    assert not [e for e in plan.entries if e.qualname.startswith(f"{ff}.experts.gate")]
+    assert any("Llama4TextMoe.forward returns a tuple" in n for n in plan.notes)
+
+
+def test_llama4_router_scores_after_top_k_and_is_no_vllm_router():
+    import torch
+    from transformers import Llama4TextConfig
+    from transformers.models.llama4.modeling_llama4 import Llama4Router
+
+    from tfbackend.inspect.fusables import router_scoring
+
+    with torch.device("meta"):
+        router = Llama4Router(Llama4TextConfig(hidden_size=64, num_local_experts=4))
+    assert router_scoring(router) is None
+
+
+def test_ernie4_5_moe_router_keeps_its_bias_in_a_child_so_routing_stays_in_transformers():
+    # Ernie4_5_MoeTopKRouter's state is weight + moe_statics.e_score_correction_bias: vLLM's
+    # _match_router allows only `weight` and a top-level `e_score_correction_bias`
+    plan = _plan(
+        "ernie4_5_moe",
+        tp=2,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        moe_num_experts=4,
+        moe_k=2,
+        moe_num_shared_experts=1,
+        moe_layer_start_index=0,
+        **TINY,
+    )
+    mlp = "model.layers.0.mlp"
+    assert _entry(plan, f"{mlp}.experts").target == "TransformersMoERunner"
+    assert plan.entry_for(f"{mlp}.gate") is None  # the HF router stays as is
+    assert not [e for e in plan.entries if "_shared_experts" in e.qualname]
+    assert _entry(plan, f"{mlp}.shared_experts.gate_up_proj").target == (
+        "MergedColumnParallelLinear"
+    )

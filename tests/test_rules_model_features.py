@@ -126,3 +126,24 @@ def test_expert_parallel_is_explained_not_planned():
     assert findings(cached("qwen3_moe"), "TFB516", tp=2)
     assert "refuses" in findings(cached("qwen3_moe"), "TFB516", tp=2, vllm="0.11")[0].message
     assert not findings(cached("qwen3_moe"), "TFB516", tp=1)
+
+
+def test_moe_block_tensor_the_fused_forward_never_reads_is_an_error():
+    # MiniMax-M2 keeps e_score_correction_bias on the block and passes it to the router: vLLM
+    # routes inside its MoERunner (the router alone matches) and never reads it
+    from transformers import MiniMaxM2Config
+
+    minimax_m2 = MiniMaxM2Config(
+        hidden_size=64,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        vocab_size=256,
+    )
+    found = findings(facts(minimax_m2), "TFB517")
+    assert severities(found) == {"error"} and "e_score_correction_bias" in found[0].message
+    assert not findings(cached("deepseek_v3"), "TFB517")  # its bias lives in the router

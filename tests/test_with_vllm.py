@@ -48,6 +48,19 @@ MODELS = {
             **ATTN,
         ),
     ),
+    # shared expert + sigmoid gate, wrapped inside vLLM's MoERunner
+    "qwen2_moe": (
+        "Qwen2MoeForCausalLM",
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=96,
+            num_experts=4,
+            num_experts_per_tok=2,
+            **ATTN,
+        ),
+    ),
     "gpt2": (
         "GPT2LMHeadModel",
         dict(
@@ -109,3 +122,15 @@ def test_gpt2_at_tp2_vllm_builds_full_size_conv1d_and_tfbackend_calls_it_an_erro
     report = check_facts(facts, CheckOptions(tp=2, vllm_version="vllm-0.32"))
     assert report.verdict.value == "FAIL"
     assert [f.severity.value for f in report.findings if f.rule_id == "TFB212"] == ["error"]
+
+
+def test_qwen2_moe_at_tp2_vllm_wraps_the_shared_expert_where_the_plan_says(builds):
+    facts, build = builds["qwen2_moe", 2, 1]
+    plan = build_plan(facts, tp=2, pp=1, profile=PROFILES["vllm-0.32"])
+    layer = "model.layers.1.mlp.experts._shared_experts._layer"
+    planned = {e.qualname: e for e in plan.entries if e.qualname.startswith(layer)}
+    for rank in build.ranks:
+        built = {m["qualname"]: m for m in rank["modules"] if m["qualname"].startswith(layer)}
+        assert set(built) - {f"{layer}.shared_experts"} == set(planned)
+        assert built[f"{layer}.shared_experts.down_proj"]["params"] == {"weight": [64, 48]}
+        assert built[f"{layer}.gate"]["class_name"] == "ReplicatedLinear"

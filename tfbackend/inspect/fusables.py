@@ -233,11 +233,21 @@ def _qkv(module, funcdef, calls, by_input, linears) -> dict[str, Any] | None:
 def router_scoring(module: Any) -> str | None:
     """ "softmax" / "sigmoid" when the module's forward is `topk(score(linear(x)))`, the router
     vLLM's MoEBlockFuser._match_router accepts (the scorer must feed the top-k; a softmax applied
-    after it does not count); None otherwise, and routing then stays in Transformers."""
+    after it does not count); None otherwise, and routing then stays in Transformers.
+
+    vLLM first asks that the router's whole state, children's parameters and buffers included,
+    be `weight` plus an optional `e_score_correction_bias` (Ernie 4.5 keeps that bias in a child,
+    `moe_statics`: rejected)."""
+    state = {n for n, _ in module.named_parameters()} | {n for n, _ in module.named_buffers()}
+    if "weight" not in state or state - {"weight", "e_score_correction_bias"}:
+        return None
     try:
         funcdef = _forward_def(type(module))
     except Exception:
         return None
+    import torch.nn as nn
+
+    is_linear_module = isinstance(module, nn.Linear)
     values: dict[str, list[ast.AST]] = {}
     for node in ast.walk(funcdef):
         if isinstance(node, ast.Assign):
@@ -274,6 +284,19 @@ def router_scoring(module: Any) -> str | None:
     if len(scorers) != 1:
         return None
     (scorer,) = scorers.values()
-    if not any(op(c) == "linear" for c in cone(inputs(scorer))):
+
+    def is_linear(call: ast.Call) -> bool:
+        # an nn.Linear subclass's `super().forward(x)` traces to F.linear
+        func = call.func
+        via_super = (
+            is_linear_module
+            and op(call) == "forward"
+            and isinstance(func, ast.Attribute)
+            and isinstance(func.value, ast.Call)
+            and getattr(func.value.func, "id", None) == "super"
+        )
+        return op(call) == "linear" or via_super
+
+    if not any(is_linear(c) for c in cone(inputs(scorer))):
         return None
     return op(scorer)

@@ -25,6 +25,7 @@ from tfbackend.inspect.facts import (
 )
 from tfbackend.inspect.fusables import fusion_fact, router_scoring
 from tfbackend.inspect.heterogeneous import layer_geometry, whole_model
+from tfbackend.inspect.moe_blocks import moe_block_fact
 from tfbackend.inspect.norms import EPS_ATTRS, classify_norm, norm_eps, zero_initialised
 
 LAYERNORM = "layernorm"
@@ -53,6 +54,7 @@ RAW_ATTRS = (
     "n_group",
     "topk_group",
     "norm_topk_prob",
+    "routed_scaling_factor",
     "num_nextn_predict_layers",
     "mtp_num_hidden_layers",
     "logit_scale",
@@ -241,6 +243,8 @@ def walk(model: Any, config: Any, text: Any, source: SourceInfo) -> ModelFacts:
         fact = ModuleFact(qualname=qualname, class_name=cls.__name__, kind=OTHER, params=own)
         if _is_experts(name, module):
             fact = _experts_fact(qualname, module)
+            block, _, child = name.rpartition(".")
+            fact.attrs["moe_block"] = moe_block_fact(model.get_submodule(block), child)
             experts_prefixes.append(qualname + ".")
         elif isinstance(module, nn.Linear):
             fact.kind = LINEAR

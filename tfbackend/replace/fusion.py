@@ -9,12 +9,22 @@ What did not fuse is written into `plan.notes` with the reason.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from tfbackend.inspect.facts import EXPERTS, LINEAR, ModelFacts, ModuleFact
-from tfbackend.replace.plan import K_EXPERTS, K_LINEAR, ParamShard, PlanEntry, ReplacementPlan
+from tfbackend.replace.plan import (
+    K_EXPERTS,
+    K_LINEAR,
+    K_UNCHANGED,
+    ParamShard,
+    PlanEntry,
+    ReplacementPlan,
+)
 from tfbackend.replace.profiles import Profile
 
 K_ACTIVATION = "activation"
 K_ROUTER = "router"
+K_SHARED_EXPERTS = "shared_experts"
 
 # Priority order of vLLM's FUSERS tuple (MLA and packed c_attn are not modelled: see notes).
 _PRIORITY = ("glu", "qkv", "merged_column")
@@ -210,7 +220,8 @@ def fuse_projections(facts: ModelFacts, plan: ReplacementPlan, profile: Profile,
 
 def _router(facts: ModelFacts, block: str, num_experts: int | None) -> ModuleFact | None:
     """The block's router: a child other than `experts` holding only a [E, H] weight (and a
-    score-correction bias), as vLLM's MoEBlockFuser._match_router requires."""
+    score-correction bias), as vLLM's MoEBlockFuser._match_router requires. Only for facts
+    gathered before the walker read the whole block (`moe_block`)."""
     for m in facts.modules:
         if m.qualname.rsplit(".", 1)[0] != block or m.qualname.endswith(".experts"):
             continue
@@ -224,9 +235,39 @@ def _router(facts: ModelFacts, block: str, num_experts: int | None) -> ModuleFac
     return None
 
 
+def _block_match(facts: ModelFacts, experts: ModuleFact, num_experts, notes: list[str]):
+    """(router fact, shared-expert child name, shared-gate child name) when vLLM routes inside its
+    MoERunner, router None when routing stays in Transformers (transformers/moe.py)."""
+    block = experts.qualname.rsplit(".", 1)[0]
+    verdict = experts.attrs.get("moe_block")
+    if verdict is None:
+        return _router(facts, block, num_experts), None, None
+    if verdict["router"] is None:
+        notes.append(f"{block}: routing stays in Transformers: {verdict['reason']}")
+        return None, None, None
+    router = _fact(facts, f"{block}.{verdict['router']}")
+    shared, gate = verdict["shared"], verdict["shared_gate"]
+    cfg = facts.config
+    scale = cfg.raw.get("routed_scaling_factor")
+    if shared and scale not in (None, 1.0) and cfg.dtype == "float16":
+        # vLLM would divide the shared output by the scale, which only its own fp16 decoder
+        # layers undo (moe.py: reaches_fp16_trick), so it falls back to Transformers routing
+        notes.append(
+            f"{block}: routing stays in Transformers: routed_scaling_factor={scale} with a "
+            "shared expert in float16 (the config's dtype)"
+        )
+        return None, None, None
+    return router, shared, gate
+
+
+def _fact(facts: ModelFacts, qualname: str) -> ModuleFact | None:
+    return next((m for m in facts.modules if m.qualname == qualname), None)
+
+
 def fuse_moe(facts: ModelFacts, plan: ReplacementPlan, profile: Profile, stage_of):
     """experts → MoERunner holding TransformersRoutedExperts (w13 [E, 2I/tp, H], w2 [E, H, I/tp]);
-    the router → GateLinear, aliased inside the runner when routing moves into vLLM."""
+    the router → GateLinear, aliased inside the runner when routing moves into vLLM, with the
+    shared expert (and its sigmoid gate) wrapped in the runner too."""
     from tfbackend.replace.planner import moe_spec
 
     cfg, moe = facts.config, facts.config.moe
@@ -246,8 +287,9 @@ def fuse_moe(facts: ModelFacts, plan: ReplacementPlan, profile: Profile, stage_o
                 ParamShard("w13_weight", [E, 2 * inter, H], [E, 2 * per, H], 1),
                 ParamShard("w2_weight", [E, H, inter], [E, H, per], 2),
             ]
-        router = _router(facts, block, E)
+        router, shared, shared_gate = _block_match(facts, m, E, plan.notes)
         routing = "internal" if router else "external"
+        shared_extra = {"shared_expert": f"{block}.{shared}"} if shared else {}
         entries.append(
             _entry(
                 m.qualname,
@@ -261,6 +303,7 @@ def fuse_moe(facts: ModelFacts, plan: ReplacementPlan, profile: Profile, stage_o
                 [],
                 stage,
                 routing=routing,
+                **shared_extra,
             )
         )
         entries.append(
@@ -290,20 +333,96 @@ def fuse_moe(facts: ModelFacts, plan: ReplacementPlan, profile: Profile, stage_o
                 stage,
             )
             entries.append(gate)
-            entries.append(
-                _entry(
-                    f"{m.qualname}.gate",
-                    [router.qualname],
-                    router.class_name,
-                    K_ROUTER,
-                    "GateLinear",
-                    "the runner's alias of the router",
-                    gate.params,
-                    stage,
-                    alias_of=router.qualname,
-                )
-            )
+            entries.append(_alias(gate, f"{m.qualname}.gate", "the runner's alias of the router"))
+        if shared:
+            entries.extend(_shared_wrappers(facts, m, shared, shared_gate, stage))
     return entries
+
+
+def _alias(entry: PlanEntry, qualname: str, reason: str) -> PlanEntry:
+    """The same module reached under a second name: same sources, so counted once."""
+    return replace(
+        entry, qualname=qualname, reason=reason, extra={**entry.extra, "alias_of": entry.qualname}
+    )
+
+
+def _shared_layer(runner: str) -> str:
+    # MoERunner keeps the wrapper as `_shared_experts` (SharedExperts), which holds the
+    # transformers backend's SharedExpertMLP as `_layer` (fused_moe/runner/moe_runner.py)
+    return f"{runner}._shared_experts._layer"
+
+
+def _shared_wrappers(facts, experts: ModuleFact, shared: str, gate: str | None, stage):
+    """SharedExperts → SharedExpertMLP(shared_experts=<the HF shared expert>, gate=<the sigmoid
+    gate rebuilt as ReplicatedLinear>) (fusers/moe.py: MoEBlockFuser.shared_experts)."""
+    block = experts.qualname.rsplit(".", 1)[0]
+    layer = _shared_layer(experts.qualname)
+    source = f"{block}.{shared}"
+    source_class = getattr(_fact(facts, source), "class_name", "")
+    out = [
+        _entry(
+            f"{experts.qualname}._shared_experts",
+            [source],
+            source_class,
+            K_SHARED_EXPERTS,
+            "SharedExperts",
+            "the runner computes the shared expert beside the routed ones",
+            [],
+            stage,
+        ),
+        _entry(
+            layer,
+            [source],
+            source_class,
+            K_SHARED_EXPERTS,
+            "SharedExpertMLP",
+            "the HF shared expert"
+            + (f" and its sigmoid gate ({gate})" if gate else "")
+            + ", wrapped for the runner",
+            [],
+            stage,
+        ),
+    ]
+    gate_fact = _linear(facts, f"{block}.{gate}") if gate else None
+    if gate_fact is not None:
+        hf_gate = _entry(
+            gate_fact.qualname,
+            [gate_fact.qualname],
+            gate_fact.class_name,
+            K_LINEAR,
+            "ReplicatedLinear",
+            "shared-expert gate rebuilt as ReplicatedLinear by the MoE fuser, whatever the tp_plan",
+            _full(gate_fact),
+            stage,
+        )
+        out += [hf_gate, _alias(hf_gate, f"{layer}.gate", "the runner's alias of the gate")]
+    return out
+
+
+def alias_shared_experts(facts: ModelFacts, plan: ReplacementPlan) -> list[PlanEntry]:
+    """Every planned module of a shared expert the runner wraps, again under the runner's path
+    (`<experts>._shared_experts._layer.shared_experts.<...>`): one module object, two names.
+    Runs once every module is planned, as vLLM replaces the shared expert's layers after the MoE
+    fuser wrapped it."""
+    out: list[PlanEntry] = []
+    planned = {e.qualname for e in plan.entries} | {s for e in plan.entries for s in e.sources}
+    for runner in [e for e in plan.entries if e.extra.get("shared_expert")]:
+        source = runner.extra["shared_expert"]
+        inner = f"{_shared_layer(runner.qualname)}.shared_experts"
+        for e in list(plan.entries):
+            if e.qualname.startswith(source + ".") and "alias_of" not in e.extra:
+                name = inner + e.qualname.removeprefix(source)
+                out.append(_alias(e, name, "the runner's alias of the shared expert's module"))
+        for m in facts.modules:
+            # HF modules with their own parameters that no entry replaces
+            if m.qualname.startswith(source + ".") and m.params and m.qualname not in planned:
+                unchanged = _entry(
+                    m.qualname, [m.qualname], m.class_name, K_UNCHANGED, m.class_name,
+                    "kept as HF code", _full(m), runner.stage,
+                )  # fmt: skip
+                name = inner + m.qualname.removeprefix(source)
+                out.append(_alias(unchanged, name, "the runner's alias of an unchanged module"))
+    return out
 
 
 def _register() -> None:
@@ -312,6 +431,8 @@ def _register() -> None:
     for step in (fuse_projections, fuse_moe):
         if step not in planner.FUSION_STEPS:
             planner.FUSION_STEPS.append(step)
+    if alias_shared_experts not in planner.ALIAS_STEPS:
+        planner.ALIAS_STEPS.append(alias_shared_experts)
 
 
 _register()

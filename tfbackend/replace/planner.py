@@ -50,6 +50,9 @@ _LAYER_INDEX = re.compile(r"^model\.(?P<list>.+?)\.(?P<idx>\d+)(\.|$)")
 # made; the linears they cover are skipped by `_plan_linears`.
 FusionStep = Callable[[ModelFacts, ReplacementPlan, Profile, Callable[[str], int | None]], list]
 FUSION_STEPS: list[FusionStep] = []
+# Steps run once every module is planned, returning entries that name planned modules again under
+# a second path (vLLM ≥ 0.32's MoE runner reaches the shared expert it wraps as its own child).
+ALIAS_STEPS: list[Callable[[ModelFacts, ReplacementPlan], list]] = []
 
 
 def pad_vocab(vocab: int, pad_to: int = 64) -> int:
@@ -138,6 +141,8 @@ def build_plan(facts: ModelFacts, *, tp: int = 1, pp: int = 1, profile: Profile)
     plan_convs(facts, plan, profile, stage_of)
     leave_unvisited(facts, plan, profile)
     _plan_attention(facts, plan, profile)
+    for alias_step in ALIAS_STEPS:
+        plan.entries.extend(alias_step(facts, plan))
     return plan
 
 
@@ -512,5 +517,5 @@ def _plan_attention(facts: ModelFacts, plan: ReplacementPlan, profile: Profile) 
         )
 
 
-# The fuser-era steps register themselves into FUSION_STEPS.
+# The fuser-era steps register themselves into FUSION_STEPS (and ALIAS_STEPS).
 from tfbackend.replace import fusion as _fusion  # noqa: E402,F401

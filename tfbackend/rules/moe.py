@@ -240,3 +240,36 @@ def expert_parallel(ctx, r):
             f"experts split over tp={ctx.tp}; with vLLM's --enable-expert-parallel each rank "
             f"would hold {n // ctx.tp if n else '?'} whole experts instead"
         )
+
+
+@rule(
+    "TFB517",
+    "MoE block tensors vLLM's routing never reads",
+    Severity.ERROR,
+    rationale="""
+When vLLM 0.32 moves routing into its MoERunner it replaces the MoE block's forward with its own
+(`fusers/moe.py: _moe_block_forward`: experts, router and shared expert only) and rebuilds the
+router from the router module's own `weight` and `e_score_correction_bias`. A tensor the block
+holds itself, e.g. an `e_score_correction_bias` buffer the block passes to its router
+(MiniMax-M2, HY-V3), is loaded but never read: vLLM picks the experts without it, so the routing
+differs from the model's.
+""",
+    fix="serve with vLLM's native implementation for this architecture",
+)
+def dropped_block_state(ctx, r):
+    if not ctx.profile.moe_layouts:
+        return
+    routed_inside = {e.qualname for e in ctx.plan.entries if e.extra.get("routing") == "internal"}
+    dropped = [
+        m
+        for m in _experts(ctx)
+        if m.qualname in routed_inside and (m.attrs.get("moe_block") or {}).get("block_state")
+    ]
+    if dropped:
+        names = dropped[0].attrs["moe_block"]["block_state"]
+        block = dropped[0].qualname.rsplit(".", 1)[0]
+        yield r.finding(
+            f"{len(dropped)} MoE block(s) hold {', '.join(names)} themselves (e.g. {block}); "
+            "vLLM routes inside its MoERunner without reading it",
+            modules=[m.qualname.rsplit(".", 1)[0] for m in dropped][:16],
+        )
