@@ -427,10 +427,16 @@ def write(rows: list[Row], out: str, seconds: float) -> None:
     rest = [r for r in rows if r.status not in ("agree", "disagree")]
     lines += _table(
         "Not built (vLLM raised, transformers could not build the default config, or timed out)",
-        ["model_type", "architecture", "tp", "status", "tfbackend check", "first line of the exception"],
         [
-            [_name(r), r.arch]
-            + [str(r.tp), r.status, _verdict(r), r.detail]
+            "model_type",
+            "architecture",
+            "tp",
+            "status",
+            "tfbackend check",
+            "first line of the exception",
+        ],
+        [
+            [_name(r), r.arch] + [str(r.tp), r.status, _verdict(r), r.detail]
             for r in sorted(rest, key=lambda r: (r.status, r.model_type, r.tp))
         ],
     )

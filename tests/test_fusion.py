@@ -262,3 +262,40 @@ def test_ernie4_5_moe_router_keeps_its_bias_in_a_child_so_routing_stays_in_trans
     assert _entry(plan, f"{mlp}.shared_experts.gate_up_proj").target == (
         "MergedColumnParallelLinear"
     )
+
+
+def test_a_router_bias_that_is_a_parameter_becomes_a_parameter_of_the_routed_experts():
+    # Laguna keeps e_score_correction_bias as an nn.Parameter of its router: vLLM hands it to
+    # FusedMoE, which then owns it (laguna@tp1/2 in reports/agreement.md). GLM-4 MoE keeps a
+    # buffer, which stays a buffer.
+    from transformers import Glm4MoeConfig, LagunaConfig
+
+    tiny = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_experts_per_tok=2,
+        vocab_size=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    laguna = LagunaConfig(**tiny, num_experts=8, shared_expert_intermediate_size=32)
+    glm = Glm4MoeConfig(
+        **tiny, n_routed_experts=8, n_group=1, topk_group=1, first_k_dense_replace=1
+    )
+    for config, bias in ((laguna, [[8], [8]]), (glm, [])):
+        facts = facts_from_config(config, SourceInfo("local", "tiny", "<memory>"))
+        plan = build_plan(facts, tp=2, pp=1, profile=PROFILES["vllm-0.32"])
+        routed = [e for e in plan.entries if e.qualname.endswith(".routed_experts")]
+        assert routed, config.model_type
+        got = [
+            [p.full_shape, p.rank_shape]
+            for p in routed[-1].params
+            if p.name == "e_score_correction_bias"
+        ]
+        assert got == ([bias] if bias else []), config.model_type

@@ -288,6 +288,10 @@ def fuse_moe(facts: ModelFacts, plan: ReplacementPlan, profile: Profile, stage_o
                 ParamShard("w2_weight", [E, H, inter], [E, H, per], 2),
             ]
         router, shared, shared_gate = _block_match(facts, m, E, plan.notes)
+        if router is not None and params and (bias := router.params.get("e_score_correction_bias")):
+            # The router's bias goes to FusedMoE as a kwarg; an nn.Parameter assigned to a module
+            # becomes its parameter (a buffer, as most models keep it, does not)
+            params.append(ParamShard("e_score_correction_bias", list(bias), list(bias), None))
         routing = "internal" if router else "external"
         shared_extra = {"shared_expert": f"{block}.{shared}"} if shared else {}
         entries.append(
