@@ -64,6 +64,7 @@ class AttentionSpec:
     scaling: str | None
     sinks: bool
     stage: int
+    mla: bool = False  # MLAAttention over the compressed latent (one KV head, head_size latent)
 
 
 @dataclass

@@ -134,6 +134,7 @@ def build_plan(facts: ModelFacts, *, tp: int = 1, pp: int = 1, profile: Profile)
     _plan_embeddings(facts, plan, profile, stage_of)
     _plan_norms(facts, plan, profile, stage_of, fused)
     _plan_attention(facts, plan, profile)
+    _mla.mla_attention(facts, plan, profile)
     return plan
 
 
@@ -507,3 +508,4 @@ def _plan_attention(facts: ModelFacts, plan: ReplacementPlan, profile: Profile) 
 
 # The fuser-era steps register themselves into FUSION_STEPS.
 from tfbackend.replace import fusion as _fusion  # noqa: E402,F401
+from tfbackend.replace import mla as _mla  # noqa: E402
