@@ -26,6 +26,7 @@ from tfbackend.inspect.facts import (
 from tfbackend.inspect.fusables import fusion_fact, router_scoring
 from tfbackend.inspect.heterogeneous import layer_geometry, whole_model
 from tfbackend.inspect.moe_blocks import moe_block_fact
+from tfbackend.inspect.mla import mla_fact
 from tfbackend.inspect.norms import EPS_ATTRS, classify_norm, norm_eps, zero_initialised
 
 LAYERNORM = "layernorm"
@@ -320,6 +321,8 @@ def walk(model: Any, config: Any, text: Any, source: SourceInfo) -> ModelFacts:
                 }
         if fact.kind in (OTHER, ATTENTION) and (fusion := fusion_fact(module)) is not None:
             fact.attrs["fusion"] = fusion
+        if fact.kind in (OTHER, ATTENTION) and (mla := mla_fact(module)) is not None:
+            fact.attrs["mla"] = mla
         if fact.kind == OTHER and "weight" in fact.params and not next(module.children(), None):
             fact.attrs["router_scoring"] = router_scoring(module)
         modules.append(fact)

@@ -162,6 +162,8 @@ def _set_local_heads(model: nn.Module, plan: ReplacementPlan, ctx: L.ParallelCon
             continue
         heads = spec.num_heads // ctx.world
         kv = 1 if spec.kv_replicated else spec.num_kv_heads // ctx.world
+        if spec.mla:
+            kv = heads  # the HF module still expands the latent into one K/V per query head
         if hasattr(attn, "num_key_value_groups"):
             attn.num_key_value_groups = heads // kv
         for attr in _HEAD_ATTRS:

@@ -185,10 +185,12 @@ def merged_name(names: list[str]) -> str:
 
 
 def fuse_projections(facts: ModelFacts, plan: ReplacementPlan, profile: Profile, stage_of):
+    from tfbackend.replace.mla import fused_as_mla
+
     entries: list[PlanEntry] = []
     for m in facts.modules:
         fact = m.attrs.get("fusion")
-        if not fact:
+        if not fact or fused_as_mla(plan, m.qualname):
             continue
         if not fact.get("fuser"):
             plan.notes.append(f"{m.qualname} ({m.class_name}): not fused: {fact.get('reason')}")

@@ -68,6 +68,7 @@ class AttentionSpec:
     # The dispatching module's own parameters per rank (it stays HF code; vLLM 0.32 re-creates
     # its learned sinks split over tp). Empty when it holds none.
     params: list[ParamShard] = field(default_factory=list)
+    mla: bool = False  # MLAAttention over the compressed latent (one KV head, head_size latent)
 
 
 @dataclass

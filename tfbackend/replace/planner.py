@@ -141,6 +141,7 @@ def build_plan(facts: ModelFacts, *, tp: int = 1, pp: int = 1, profile: Profile)
     plan_convs(facts, plan, profile, stage_of)
     leave_unvisited(facts, plan, profile)
     _plan_attention(facts, plan, profile)
+    _mla.mla_attention(facts, plan, profile)
     for alias_step in ALIAS_STEPS:
         plan.entries.extend(alias_step(facts, plan))
     return plan
@@ -519,3 +520,4 @@ def _plan_attention(facts: ModelFacts, plan: ReplacementPlan, profile: Profile) 
 
 # The fuser-era steps register themselves into FUSION_STEPS (and ALIAS_STEPS).
 from tfbackend.replace import fusion as _fusion  # noqa: E402,F401
+from tfbackend.replace import mla as _mla  # noqa: E402

@@ -151,8 +151,9 @@ def sinks(ctx, r):
 A config with `kv_lora_rank` is MLA (DeepSeek-V2/V3 style). vLLM 0.32's MLAFuser fuses the
 latent projections and serves them with MLAAttention (compressed KV cache); if it matches no
 layer, vLLM warns and falls back to full attention with head size qk_nope + qk_rope and a padded
-value head, which computes the same result with a much larger KV cache. Older backends know
-nothing of MLA and size the KV cache from head_dim.
+value head, which computes the same result with a much larger KV cache; if it matches some
+layers but not others, vLLM refuses to build (the latent cache cannot be allocated for the rest).
+Older backends know nothing of MLA and size the KV cache from head_dim.
 """,
     fix="nothing to do on vLLM 0.32+; on older vLLM serve with the native implementation",
 )
@@ -164,11 +165,33 @@ def mla(ctx, r):
     rope = cfg.raw.get("qk_rope_head_dim")
     dims = f" (qk_nope {nope} + qk_rope {rope})" if nope is not None and rope is not None else ""
     if ctx.profile.fuses:
-        yield r.finding(f"MLA with kv_lora_rank={cfg.kv_lora_rank}{dims}: served by MLAAttention")
+        yield from _mla_on_fuser_era(ctx, r, f"MLA with kv_lora_rank={cfg.kv_lora_rank}{dims}")
     else:
         yield r.finding(
             f"MLA with kv_lora_rank={cfg.kv_lora_rank}{dims}: {ctx.profile.name} has no MLA "
             "support; the KV cache is sized from head_dim and may not match",
+            severity=Severity.WARNING,
+        )
+
+
+def _mla_on_fuser_era(ctx, r, what: str):
+    """What the plan says vLLM 0.32 builds: every layer MLAAttention, none, or a mix it refuses."""
+    layers = [a for a in ctx.plan.attention if a.qualname]
+    latent = [a.layer_idx for a in layers if a.mla]
+    if latent and len(latent) == len(layers):
+        yield r.finding(f"{what}: served by MLAAttention ({len(latent)} layers)")
+    elif latent:
+        full = [a.layer_idx for a in layers if not a.mla]
+        yield r.finding(
+            f"{what}: {len(full)} layer(s) do not fuse as MLA while {len(latent)} do; vLLM "
+            'raises ValueError ("did not fuse as MLA, but the rest of the model did")',
+            severity=Severity.ERROR,
+            layers=full,
+        )
+    else:
+        yield r.finding(
+            f"{what}: vLLM's MLAFuser matches no layer, so it falls back to full attention "
+            "(head size qk_nope + qk_rope, value heads padded) with a much larger KV cache",
             severity=Severity.WARNING,
         )
 

@@ -1,0 +1,190 @@
+"""The MLA fusion of the vllm-0.32 profile (vLLM's `fusers/mla.py` and `MLAAttention`).
+
+vLLM tries MLAFuser before every other fuser, and takes it on any model whose text config has
+`kv_lora_rank` (`validate`: `model_config.use_mla`). The matched module keeps its class and
+gets: `q_a_proj` + `kv_a_proj_with_mqa` stacked into `fused_qkv_a_proj`, a
+MergedColumnParallelLinear built with `disable_tp` (whole on every rank), or without a query
+LoRA `kv_a_proj_with_mqa` replicated and `q_proj` column-split; `q_b_proj` and `kv_b_proj`
+column-split, `o_proj` row-split, whatever the tp_plan says. Its attention layer becomes
+MLAAttention over the compressed latent: one KV head of `kv_lora_rank + qk_rope_head_dim`,
+holding `kv_b_proj` as its own child (`attn.kv_b_proj`). If the model has `kv_lora_rank` but no
+layer fuses as MLA, vLLM falls back to Attention with head size `qk_nope + qk_rope`; if some
+layers fuse and others do not, it raises.
+"""
+
+from __future__ import annotations
+
+from tfbackend.inspect.facts import LINEAR, ModelFacts, ModuleFact
+from tfbackend.replace.plan import K_LINEAR, ParamShard, PlanEntry, ReplacementPlan
+from tfbackend.replace.profiles import Profile
+
+FUSER = "mla"
+MERGED_NAME = "fused_qkv_a_proj"
+LATENT_ATTN = "attn"  # VLLM_ATTN_ATTR: where MLAAttention (and its kv_b_proj alias) lives
+
+
+def fuse_mla(facts: ModelFacts, plan: ReplacementPlan, profile: Profile, stage_of):
+    """Entries for every module vLLM fuses as MLA (its linears are then left to no one else)."""
+    if facts.config.kv_lora_rank is None:
+        return []  # MLAFuser.validate: use_mla needs kv_lora_rank
+    linears = {m.qualname: m for m in facts.modules if m.kind == LINEAR}
+    entries: list[PlanEntry] = []
+    for m in facts.modules:
+        fact = m.attrs.get("mla")
+        if not fact:
+            continue
+        if not fact.get("fuser"):
+            plan.notes.append(f"{m.qualname} ({m.class_name}): not fused as MLA: {fact['reason']}")
+            continue
+        made = _module_entries(m, fact, linears, plan.tp, stage_of(m.qualname))
+        if made is None:
+            plan.notes.append(f"{m.qualname} ({m.class_name}): MLA roles not nn.Linear facts")
+            continue
+        entries.extend(made)
+    return entries
+
+
+def fused_as_mla(plan: ReplacementPlan, qualname: str) -> bool:
+    """Whether an earlier step fused this module as MLA (its forward is taken: no other
+    projection fuser applies to it)."""
+    return any(
+        e.extra.get("fuser") == FUSER and e.extra.get("module") == qualname for e in plan.entries
+    )
+
+
+def _module_entries(m: ModuleFact, fact: dict, linears: dict, tp: int, stage) -> list | None:
+    role = {r: linears.get(f"{m.qualname}.{fact[r]}") for r in _ROLES if fact.get(r)}
+    if any(v is None for v in role.values()):
+        return None
+
+    def entry(qualname, sources, target, reason, params, **extra) -> PlanEntry:
+        return PlanEntry(
+            qualname=qualname,
+            sources=[s.qualname for s in sources],
+            source_class=sources[0].class_name,
+            kind=K_LINEAR,
+            target=target,
+            reason=reason,
+            params=params,
+            stage=stage,
+            extra={"fuser": FUSER, "module": m.qualname, **extra},
+        )
+
+    out = []
+    if "q_a_proj" in role:
+        q_a, kv_a = role["q_a_proj"], role["kv_a_proj"]
+        sizes = [q_a.attrs["out_features"], kv_a.attrs["out_features"]]
+        out.append(
+            entry(
+                f"{m.qualname}.{MERGED_NAME}",
+                [q_a, kv_a],
+                "MergedColumnParallelLinear",
+                "q_a_proj + kv_a_proj stacked (vLLM MLAFuser, disable_tp: whole on every rank)",
+                _whole(q_a, sum(sizes)),
+                output_sizes=sizes,
+            )
+        )
+        out.append(_column(entry, role["q_b_proj"], tp, "query up-projection (MLA): colwise"))
+    else:
+        kv_a = role["kv_a_proj"]
+        out.append(
+            entry(
+                kv_a.qualname,
+                [kv_a],
+                "ReplicatedLinear",
+                "latent down-projection (MLA, no query LoRA): replicated",
+                _whole(kv_a),
+            )
+        )
+        out.append(_column(entry, role["q_proj"], tp, "query projection (MLA): colwise"))
+    kv_b = _column(entry, role["kv_b_proj"], tp, "latent up-projection (MLA): colwise")
+    alias = entry(
+        f"{m.qualname}.{LATENT_ATTN}.kv_b_proj",
+        [role["kv_b_proj"]],
+        kv_b.target,
+        "MLAAttention holds kv_b_proj as its own child",
+        kv_b.params,
+        alias_of=kv_b.qualname,
+    )
+    out += [kv_b, alias]
+    if "o_proj" in role:
+        o = role["o_proj"]
+        out.append(
+            entry(
+                o.qualname,
+                [o],
+                "RowParallelLinear",
+                "output projection (MLA): rowwise",
+                _row_params(o, tp),
+            )
+        )
+    return out
+
+
+_ROLES = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj", "kv_b_proj", "o_proj")
+
+
+def _whole(part: ModuleFact, out: int | None = None) -> list[ParamShard]:
+    out = out or part.attrs["out_features"]
+    shards = [
+        ParamShard(
+            "weight", [out, part.attrs["in_features"]], [out, part.attrs["in_features"]], None
+        )
+    ]
+    if part.attrs.get("bias"):
+        shards.append(ParamShard("bias", [out], [out], None))
+    return shards
+
+
+def _column(entry, fact: ModuleFact, tp: int, reason: str) -> PlanEntry:
+    from tfbackend.replace.planner import column_shards
+
+    params = column_shards(fact, tp) if tp > 1 else _whole(fact)
+    return entry(fact.qualname, [fact], "ColumnParallelLinear", reason, params)
+
+
+def _row_params(fact: ModuleFact, tp: int) -> list[ParamShard]:
+    from tfbackend.replace.planner import row_shards
+
+    return row_shards(fact, tp) if tp > 1 else _whole(fact)
+
+
+def mla_attention(facts: ModelFacts, plan: ReplacementPlan, profile: Profile) -> None:
+    """The attention layers' geometry under MLA (base.py: _create_attention_instances)."""
+    cfg = facts.config
+    if not profile.fuses or cfg.kv_lora_rank is None:
+        return
+    rope = int(cfg.raw.get("qk_rope_head_dim") or 0)
+    nope = int(cfg.raw.get("qk_nope_head_dim") or 0)
+    fused = {e.extra["module"] for e in plan.entries if e.extra.get("fuser") == FUSER}
+    if not fused:
+        # vLLM warns and serves full attention; the head size becomes qk_nope + qk_rope
+        if nope + rope:
+            for a in plan.attention:
+                a.head_size = nope + rope
+        plan.notes.append(
+            f"kv_lora_rank={cfg.kv_lora_rank} but no layer fuses as MLA: vLLM falls back to "
+            f"Attention (head size {nope + rope}, value heads padded), without the latent cache"
+        )
+        return
+    for a in plan.attention:
+        if a.qualname in fused:
+            a.mla = True
+            a.num_kv_heads = a.kv_heads_per_rank = 1
+            a.kv_replicated = plan.tp > 1  # the one latent head lives whole on every rank
+            a.head_size = cfg.kv_lora_rank + rope
+        else:
+            plan.notes.append(
+                f"layer {a.layer_idx} ({a.qualname}) does not fuse as MLA while others do: "
+                "vLLM raises ValueError (its latent KV cache cannot be allocated)"
+            )
+
+
+def _register() -> None:
+    from tfbackend.replace import planner
+
+    if fuse_mla not in planner.FUSION_STEPS:
+        planner.FUSION_STEPS.insert(0, fuse_mla)  # MLAFuser comes first in vLLM's FUSERS
+
+
+_register()
