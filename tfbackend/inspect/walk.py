@@ -25,8 +25,8 @@ from tfbackend.inspect.facts import (
 )
 from tfbackend.inspect.fusables import fusion_fact, router_scoring
 from tfbackend.inspect.heterogeneous import layer_geometry, whole_model
-from tfbackend.inspect.moe_blocks import moe_block_fact
 from tfbackend.inspect.mla import mla_fact
+from tfbackend.inspect.moe_blocks import moe_block_fact
 from tfbackend.inspect.norms import EPS_ATTRS, classify_norm, norm_eps, zero_initialised
 
 LAYERNORM = "layernorm"
