@@ -140,3 +140,25 @@ def test_cli_exit_code_is_one_for_a_refused_model(make, tmp_path):
     out = CliRunner().invoke(app, ["check", str(tmp_path), "--json"])
     assert out.exit_code == 1, out.output
     assert '"TFB109"' in out.output
+
+
+def test_a_model_type_vllm_parses_with_its_own_config_class_is_flagged():
+    from transformers import DeepseekV32Config
+
+    config = DeepseekV32Config(
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    (found,) = findings(facts(config), "TFB111")
+    assert found.severity.value == "warning"
+    assert found.data["vllm_config_class"] == "DeepseekV3Config"
+    assert findings(facts(llama()), "TFB111") == []
+    assert findings(facts(config), "TFB111", vllm="0.11") == []

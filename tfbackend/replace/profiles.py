@@ -74,6 +74,8 @@ class Profile:
     decoder_compile_args: tuple[str, ...] = ()
     # Several modules computing attention for one layer index: refused (0.32) or not checked.
     one_attention_per_layer: bool = False
+    # model_type → the config class vLLM parses it with instead of transformers' own
+    config_overrides: dict[str, str] = field(default_factory=dict)
 
 
 PROFILES: dict[str, Profile] = {
@@ -143,6 +145,21 @@ PROFILES: dict[str, Profile] = {
             # position_ids); compilation/decorators.py raises for any the forward lacks.
             decoder_compile_args=("input_ids", "inputs_embeds", "position_ids"),
             one_attention_per_layer=True,
+            # vllm/transformers_utils/config.py: _CONFIG_REGISTRY, model types transformers also has
+            config_overrides={
+                "chatglm": "ChatGLMConfig",
+                "deepseek_v32": "DeepseekV3Config",
+                "deepseek_v4": "DeepseekV4Config",
+                "hy_v4": "HYV4Config",
+                "kimi_linear": "KimiLinearConfig",
+                "kimi_k2": "DeepseekV3Config",
+                "minimax_m3_vl": "MiniMaxM3Config",
+                "step3_text": "Step3TextConfig",
+                "step3_vl": "Step3VLConfig",
+                "ovis": "OvisConfig",
+                "inkling_mm_model": "InklingMMConfig",
+                "inkling_model": "InklingModelConfig",
+            },
         ),
     )
 }

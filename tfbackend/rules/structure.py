@@ -250,6 +250,33 @@ def auto_model(ctx, r):
 
 
 @rule(
+    "TFB111",
+    "vLLM parses this model type with its own config class",
+    Severity.WARNING,
+    rationale="""
+For some model types vLLM does not use transformers' config class: its `_CONFIG_REGISTRY`
+(vllm/transformers_utils/config.py) maps them to a class of its own, and the Transformers backend
+then builds whatever `AutoModel` makes of that config. It can be another family's model: vLLM 0.32
+reads deepseek_v32 as `DeepseekV3Config`, so the backend builds DeepSeek-V3 attention without the
+V3.2 indexer; hy_v4's `HYV4Config` changes which linears are sharded. tfbackend plans
+transformers' class, so its plan may not be what vLLM builds, and vLLM may refuse configs
+transformers accepts (deepseek_v4).
+""",
+    fix="run `tfbackend check --with-vllm` to see what the installed vLLM builds, or serve with "
+    "vLLM's native implementation of this model type",
+)
+def vllm_config_class(ctx, r):
+    model_type = ctx.facts.config.model_type
+    vllm_class = ctx.profile.config_overrides.get(model_type)
+    if vllm_class:
+        yield r.finding(
+            f"vLLM parses {model_type!r} with its own {vllm_class}, not transformers' config "
+            "class: the model it builds may differ from this plan",
+            vllm_config_class=vllm_class,
+        )
+
+
+@rule(
     "TFB108",
     "Vision or audio tower present",
     Severity.INFO,
