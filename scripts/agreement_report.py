@@ -29,13 +29,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 # a diff.Disagreement, why). A disagreement no entry explains is reported as UNEXPLAINED.
 EXPLAINED: list[tuple[str, object, str]] = [
     (
-        "kv-merge-through-local",
-        lambda d: "k_proj" in d.qualname or "v_proj" in d.qualname or "merged_proj_" in d.qualname,
-        "tfbackend gap (not fixed): k/v read `current_states = key_value_states if ... else "
-        "hidden_states`; vLLM's fx trace folds the branch and merges k/v into one column "
-        "linear, tfbackend's AST reading only follows forward arguments",
-    ),
-    (
         "lm-head-width",
         lambda d: d.qualname == "lm_head" and d.what == "shape",
         "tfbackend gap (not fixed): the plan sizes lm_head by hidden_size; ELECTRA's head reads "

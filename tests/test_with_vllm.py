@@ -75,6 +75,13 @@ MODELS = {
     ),
 }
 LAYOUTS = [(1, 1), (2, 1), (1, 2)]
+# Built at tp 2 only (no _pp_plan): one packed c_attn that vLLM's PackedQKVFuser shards by heads.
+TP2_ONLY = {
+    "gpt_bigcode": (
+        "GPTBigCodeForCausalLM",
+        dict(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=64),
+    ),
+}
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +89,7 @@ def builds(tmp_path_factory):
     from tfbackend.vllm_bridge.run import build_with_vllm
 
     dirs, facts = {}, {}
-    for name, (arch, kw) in MODELS.items():
+    for name, (arch, kw) in {**MODELS, **TP2_ONLY}.items():
         config = AutoConfig.for_model(name, **kw)
         config.architectures = [arch]
         d = tmp_path_factory.mktemp(name)
@@ -91,14 +98,16 @@ def builds(tmp_path_factory):
         facts[name] = facts_from_config(config, SourceInfo("local", str(d), str(d / "config.json")))
     out = {}
     for tp, pp in LAYOUTS:
-        runs = build_with_vllm(list(dirs.values()), tp=tp, pp=pp, timeout=480)
-        for name, build in zip(dirs, runs, strict=True):
+        names = [n for n in dirs if n in MODELS or (tp, pp) == (2, 1)]
+        runs = build_with_vllm([dirs[n] for n in names], tp=tp, pp=pp, timeout=480)
+        for name, build in zip(names, runs, strict=True):
             out[name, tp, pp] = (facts[name], build)
     return out
 
 
-@pytest.mark.parametrize("tp,pp", LAYOUTS)
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize(
+    "name,tp,pp", [(n, tp, pp) for tp, pp in LAYOUTS for n in MODELS] + [("gpt_bigcode", 2, 1)]
+)
 def test_plan_and_vllm_agree_on_every_module_class_and_rank_shape(builds, name, tp, pp):
     from tfbackend.vllm_bridge.diff import compare
 
@@ -109,6 +118,16 @@ def test_plan_and_vllm_agree_on_every_module_class_and_rank_shape(builds, name, 
     assert agreement.vllm_error is None
     assert agreement.disagreements == []
     assert agreement.compared > 10
+
+
+def test_gpt_bigcode_packed_c_attn_is_a_qkv_parallel_linear_in_vllm_too(builds):
+    _, build = builds["gpt_bigcode", 2, 1]
+    built = {m["qualname"]: m for m in build.ranks[1]["modules"]}
+    c_attn = built["model.h.0.attn.c_attn"]
+    # 4 heads of 16 over 2 ranks, the single kv head replicated on both
+    assert c_attn["class_name"] == "QKVParallelLinear"
+    assert c_attn["params"]["weight"] == [(2 + 2 * 1) * 16, 64]
+    assert built["model.h.0.attn.c_proj"]["class_name"] == "RowParallelLinear"
 
 
 def test_gpt2_at_tp2_vllm_builds_full_size_conv1d_and_tfbackend_calls_it_an_error(builds):

@@ -1,11 +1,11 @@
-"""Which sibling linears vLLM ≥ 0.32's fusers can merge, read from the module's forward source.
+"""Which sibling linears vLLM ≥ 0.32's fusers can merge in a module, as plain data.
 
-vLLM matches an FX trace of each module class and then rewrites the same class's forward AST
-(`fusers/qkv.py`, `glu.py`, `merged_column.py`); a fusion happens only when both succeed. We read
-the AST side directly: calls `self.<linear>(x)` on a forward argument, the `act(gate(x)) * up(x)`
-multiply, the linear that produces the returned value. One analysis per (class, children), as vLLM
-caches it; anything we cannot read is recorded as unfused with the reason. Shape checks that
-depend on tp (vLLM's `validate`) are left to the planner.
+vLLM matches each fuser on an FX trace of the module class (`fusers/glu.py`, `qkv.py`,
+`packed_qkv.py`, `merged_column.py`) and keeps it only if rewriting the class's forward source
+succeeds; both sides decide. We take the same trace (`fxtrace.py`), the same matches
+(`fx_match.py`) and the same source checks (`rewrite.py`), without vLLM. One analysis per
+(class, children, linear shapes), as vLLM caches per class; what does not fuse is recorded with
+the reason. Shape checks that depend on tp (vLLM's `validate`) are left to the planner.
 """
 
 from __future__ import annotations
@@ -79,155 +79,37 @@ def _forward_def(cls: type) -> ast.FunctionDef:
     return funcdef
 
 
-def _self_call(node: ast.AST) -> str | None:
-    if (
-        isinstance(node, ast.Call)
-        and isinstance(node.func, ast.Attribute)
-        and isinstance(node.func.value, ast.Name)
-        and node.func.value.id == "self"
-    ):
-        return node.func.attr
-    return None
-
-
 def _analyse(module: Any, linears: set[str]) -> dict[str, Any]:
-    funcdef = _forward_def(type(module))
-    params = {a.arg for a in funcdef.args.args[1:] + funcdef.args.kwonlyargs}
-    rebound = {
-        n.id for n in ast.walk(funcdef) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)
+    """vLLM's `get_fusers` for this class: each fuser's match on the FX trace, kept only when
+    its forward rewrite would succeed (`fx_match`, `rewrite`), in vLLM's priority order."""
+    from tfbackend.inspect import fx_match, rewrite
+    from tfbackend.inspect.fxtrace import trace
+
+    graph = trace(module)
+    if graph is None:
+        return {"fuser": None, "reason": "forward not traceable"}
+    rewrites = {
+        "glu": lambda c: rewrite.check_glu(module, c["act"], c["gate"], c["up"]),
+        "qkv": lambda c: rewrite.check_qkv(module, c["q"], c["k"], c["v"]),
+        "packed_qkv": lambda c: rewrite.check_packed_qkv(module, c["qkv"]),
+        "merged_column": lambda c: rewrite.check_merged(module, c["linears"]),
     }
-    calls: dict[str, list[ast.Call]] = {}
-    for node in ast.walk(funcdef):
-        name = _self_call(node)
-        if name in linears:
-            calls.setdefault(name, []).append(node)
-
-    def on_argument(name: str) -> str | None:
-        """The forward argument a linear reads directly (a trace placeholder), if any."""
-        if len(calls.get(name, [])) != 1:
-            return None
-        call = calls[name][0]
-        if len(call.args) != 1 or call.keywords:
-            return None
-        arg = call.args[0]
-        if isinstance(arg, ast.Name) and arg.id in params and arg.id not in rebound:
-            return arg.id
-        return None
-
-    glu = _glu(module, funcdef, calls, linears)
-    by_input: dict[str, list[str]] = {}
-    for name in sorted(calls, key=lambda n: calls[n][0].lineno * 1000 + calls[n][0].col_offset):
-        if (x := on_argument(name)) is not None:
-            by_input.setdefault(x, []).append(name)
-    qkv = _qkv(module, funcdef, calls, by_input, linears)
-    groups = [g for g in by_input.values() if len(g) >= 2]
-    merged = {"fuser": "merged_column", "linears": groups[0]} if len(groups) == 1 else None
-    candidates = [c for c in (glu, qkv, merged) if c]
-    if not candidates:
-        reason = "no q/k/v, gate/up or sibling linears on one forward argument"
-        if len(groups) > 1:
-            reason = f"{len(groups)} sibling-linear groups: which to merge is ambiguous"
-        return {"fuser": None, "reason": reason}
-    return {"fuser": candidates[0]["fuser"], "candidates": candidates}
-
-
-def _glu(module, funcdef, calls, linears) -> dict[str, Any] | None:
-    for node in ast.walk(funcdef):
-        if not (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult)):
+    candidates, refused = [], []
+    for name, match in fx_match.MATCHERS:
+        if (cand := match(graph, module)) is None:
             continue
-        for act_side, up_side in ((node.left, node.right), (node.right, node.left)):
-            act = _self_call(act_side)
-            up = _self_call(up_side)
-            if act is None or act in linears or up not in linears or len(act_side.args) != 1:
-                continue
-            gate = _self_call(act_side.args[0])
-            if gate not in linears:
-                continue
-            gate_call, up_call = act_side.args[0], up_side
-            if len(gate_call.args) != 1 or len(up_call.args) != 1:
-                continue
-            if ast.dump(gate_call.args[0]) != ast.dump(up_call.args[0]):
-                continue
-            if len(calls.get(gate, [])) != 1 or len(calls.get(up, [])) != 1:
-                continue
-            down = None
-            for name in linears - {gate, up}:
-                for call in calls.get(name, []):
-                    if call.args and call.args[0] is node:
-                        down = name
-            try:
-                act_module = module.get_submodule(act)
-            except AttributeError:
-                return None
-            return {
-                "fuser": "glu",
-                "gate": gate,
-                "up": up,
-                "down": down,
-                "act": act,
-                "act_class": type(act_module).__name__,
-                "act_and_mul": act_and_mul_name(act_module),
-            }
-    return None
-
-
-def _returned_linear(funcdef, calls, linears) -> str | None:
-    """The linear whose output is the forward's (first) returned value."""
-    assigned: dict[str, str] = {}
-    for node in ast.walk(funcdef):
-        if isinstance(node, ast.Assign) and len(node.targets) == 1:
-            target = node.targets[0]
-            name = _self_call(node.value)
-            if isinstance(target, ast.Name) and name in linears:
-                assigned[target.id] = name
-    for node in ast.walk(funcdef):
-        if isinstance(node, ast.Return) and node.value is not None:
-            value = node.value
-            if isinstance(value, ast.Tuple) and value.elts:
-                value = value.elts[0]
-            if (name := _self_call(value)) in linears:
-                return name
-            if isinstance(value, ast.Name) and value.id in assigned:
-                return assigned[value.id]
-    return None
-
-
-def _qkv(module, funcdef, calls, by_input, linears) -> dict[str, Any] | None:
-    triples = [g for g in by_input.values() if len(g) == 3]
-    if len(triples) != 1:
-        return None
-    names = triples[0]
-    outs = [module.get_submodule(n).out_features for n in names]
-    if len(set(outs)) == 2:
-        (q,) = (n for n, o in zip(names, outs, strict=True) if outs.count(o) == 1)
-        k, v = (n for n, o in zip(names, outs, strict=True) if outs.count(o) == 2)
-        if module.get_submodule(q).out_features != max(outs):
-            return None
-    elif len(set(outs)) == 1:
-        q, k, v = names
-    else:
-        return None
-    # vLLM proves exclusivity in source: no other linear may read the same input
-    x = next(i for i, g in by_input.items() if g is names)
-    for name in linears - set(names):
-        for call in calls.get(name, []):
-            if any(isinstance(a, ast.Name) and a.id == x for a in call.args):
-                return None
-    o = _returned_linear(funcdef, calls, linears)
-    if o in names or (
-        o is not None
-        and module.get_submodule(o).in_features != module.get_submodule(q).out_features
-    ):
-        o = None
-    head_dim = getattr(module, "head_dim", None)
-    return {
-        "fuser": "qkv",
-        "q": q,
-        "k": k,
-        "v": v,
-        "o": o,
-        "head_dim": head_dim if isinstance(head_dim, int) else None,
-    }
+        try:
+            rewrites[name](cand)
+        except Exception as exc:  # vLLM skips a fuser whose rewrite raises
+            refused.append(f"{name} matched but vLLM cannot rewrite the forward: {exc}")
+            continue
+        candidates.append(cand)
+    if candidates:
+        return {"fuser": candidates[0]["fuser"], "candidates": candidates}
+    reason = "; ".join(refused) or "no q/k/v, packed qkv, gate/up or sibling linears"
+    if not refused and (groups := fx_match.sibling_groups(graph, module)) > 1:
+        reason = f"{groups} sibling-linear groups: which to merge is ambiguous"
+    return {"fuser": None, "reason": reason}
 
 
 def router_scoring(module: Any) -> str | None:

@@ -26,8 +26,8 @@ K_ACTIVATION = "activation"
 K_ROUTER = "router"
 K_SHARED_EXPERTS = "shared_experts"
 
-# Priority order of vLLM's FUSERS tuple (MLA and packed c_attn are not modelled: see notes).
-_PRIORITY = ("glu", "qkv", "merged_column")
+# Priority order of vLLM's FUSERS tuple (MLA is not modelled: see notes).
+_PRIORITY = ("glu", "qkv", "packed_qkv", "merged_column")
 
 
 def _linear(facts: ModelFacts, qualname: str) -> ModuleFact | None:
@@ -84,39 +84,75 @@ def _same_input_and_bias(parts: list[ModuleFact]) -> bool:
 
 def _qkv(facts, plan, parent: ModuleFact, cand: dict, stage) -> tuple[list[PlanEntry], str]:
     names = [cand[x] for x in ("q", "k", "v")]
-    q, k, v = parts = [_linear(facts, f"{parent.qualname}.{n}") for n in names]
+    parts = [_linear(facts, f"{parent.qualname}.{n}") for n in names]
     if None in parts:
         return [], "a q/k/v projection is not an nn.Linear fact"
     hd = cand.get("head_dim") or facts.config.head_dim
     qo, ko, vo = (p.attrs["out_features"] for p in parts)
     if not (hd and _same_input_and_bias(parts) and ko == vo and qo % hd == 0 and ko % hd == 0):
         return [], "q/k/v shapes not compatible with one head-sharded GEMM"
-    tp = plan.tp
-    heads, kv = qo // hd, ko // hd
+    fused = _qkv_parallel(
+        f"{parent.qualname}.qkv_proj", parts, qo, ko, hd, plan.tp, stage, "qkv", "q/k/v fused"
+    )
+    return [fused, *_out_proj(facts, plan, parent, cand, stage, "fused q/k/v")], ""
+
+
+def _packed_qkv(facts, plan, parent: ModuleFact, cand: dict, stage):
+    """One linear already holding q, k and v (split (q, kv, kv) in the forward) becomes a
+    QKVParallelLinear in place, under its own name (vLLM PackedQKVFuser)."""
+    packed = _linear(facts, f"{parent.qualname}.{cand['qkv']}")
+    if packed is None:
+        return [], "the packed projection is not an nn.Linear fact"
+    hd = cand.get("head_dim") or facts.config.head_dim
+    q_size, kv_size = cand["q_size"], cand["kv_size"]
+    if not (
+        hd
+        and q_size % hd == 0
+        and kv_size % hd == 0
+        and packed.attrs["out_features"] == q_size + 2 * kv_size
+    ):
+        return [], "packed q/kv widths not compatible with one head-sharded GEMM"
+    fused = _qkv_parallel(
+        packed.qualname,
+        [packed],
+        q_size,
+        kv_size,
+        hd,
+        plan.tp,
+        stage,
+        "packed_qkv",
+        "packed q/k/v sharded by heads",
+    )
+    return [fused, *_out_proj(facts, plan, parent, cand, stage, "packed q/k/v")], ""
+
+
+def _qkv_parallel(qualname, parts, q_out, kv_out, hd, tp, stage, fuser, why) -> PlanEntry:
+    heads, kv = q_out // hd, kv_out // hd
     heads_rank = heads // tp
     kv_rank = max(1, kv // tp)  # QKVParallelLinear replicates kv heads when kv < tp
     full_out, rank_out = (heads + 2 * kv) * hd, (heads_rank + 2 * kv_rank) * hd
-    out = [
-        _entry(
-            f"{parent.qualname}.qkv_proj",
-            [p.qualname for p in parts],
-            q.class_name,
-            K_LINEAR,
-            "QKVParallelLinear",
-            "q/k/v fused (vLLM QKVFuser)",
-            _stacked_params(parts, full_out, rank_out),
-            stage,
-            fuser="qkv",
-            num_heads=heads_rank,
-            num_kv_heads=kv_rank,
-            head_size=hd,
-            kv_replicas=max(1, tp // kv) if kv < tp else 1,
-            output_sizes=[qo, ko, vo],
-        )
-    ]
+    return _entry(
+        qualname,
+        [p.qualname for p in parts],
+        parts[0].class_name,
+        K_LINEAR,
+        "QKVParallelLinear",
+        f"{why} (vLLM {'QKVFuser' if fuser == 'qkv' else 'PackedQKVFuser'})",
+        _stacked_params(parts, full_out, rank_out),
+        stage,
+        fuser=fuser,
+        num_heads=heads_rank,
+        num_kv_heads=kv_rank,
+        head_size=hd,
+        kv_replicas=max(1, tp // kv) if kv < tp else 1,
+        output_sizes=[q_out, kv_out, kv_out],
+    )
+
+
+def _out_proj(facts, plan, parent, cand: dict, stage, of: str) -> list[PlanEntry]:
     if cand.get("o") and (o := _linear(facts, f"{parent.qualname}.{cand['o']}")):
-        out.append(_row(o, tp, "output projection of fused q/k/v: always rowwise", stage))
-    return out, ""
+        return [_row(o, plan.tp, f"output projection of {of}: always rowwise", stage)]
+    return []
 
 
 def _merged(facts, plan, parent, names: list[str], stage, fuser: str, name: str):
@@ -181,7 +217,9 @@ def _glu(facts, plan, parent, cand: dict, stage) -> tuple[list[PlanEntry], str]:
 
 def merged_name(names: list[str]) -> str:
     """vLLM's programmatic name for a merged projection (MergedColumnParallelFuser)."""
-    return "merged_proj_" + "_".join(f"{len(n)}_{n}" for n in names)
+    from tfbackend.inspect.fx_match import merged_name as vllm_name
+
+    return vllm_name(names)
 
 
 def fuse_projections(facts: ModelFacts, plan: ReplacementPlan, profile: Profile, stage_of):
@@ -202,6 +240,8 @@ def fuse_projections(facts: ModelFacts, plan: ReplacementPlan, profile: Profile,
                 made, why = _qkv(facts, plan, m, cand, stage)
             elif cand["fuser"] == "glu":
                 made, why = _glu(facts, plan, m, cand, stage)
+            elif cand["fuser"] == "packed_qkv":
+                made, why = _packed_qkv(facts, plan, m, cand, stage)
             else:
                 names = cand["linears"]
                 if any("." in n for n in names) or len(set(names)) != len(names):

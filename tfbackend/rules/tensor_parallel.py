@@ -318,8 +318,8 @@ def shadowing(ctx, r):
         if m.kind != "linear":
             continue
         entry = ctx.plan.entry_for(m.qualname)
-        if entry is not None and len(entry.sources) > 1:
-            continue  # fused: vLLM's fuser decides its sharding, not the tp_plan
+        if entry is not None and (len(entry.sources) > 1 or entry.extra.get("fuser")):
+            continue  # fused (a packed qkv has one source): the fuser decides, not the tp_plan
         for key, style in plan.items():
             hit = re.match(f"model.{key}", m.qualname)
             if not hit:

@@ -1,0 +1,249 @@
+"""An FX trace of one module's forward, taken the way vLLM 0.32's fusers take it.
+
+vLLM decides which projections to fuse from a `torch.fx` trace of each module class
+(vllm/model_executor/models/transformers/fx_utils.py: `trace`), and what that trace sees is
+what decides: every child is a leaf (`call_module`), every op also runs on meta tensors so shape
+unpacks trace through, `past_key_values` is the constant None, `**kwargs` iterates as empty, the
+attention interface is one opaque call, and anything untraceable ends the trace with the graph
+so far. A Python test on a proxy (`if output_attentions:`) is untraceable; `x is not None` on a
+proxy is simply True. Reading the source instead gets the branches vLLM's trace takes wrong
+(BioGPT's `current_states = key_value_states if is_cross_attention else hidden_states`), so we
+take the same trace with the same torch and match on it (`fx_match.py`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import operator
+from itertools import chain
+from typing import Any
+from unittest import mock
+
+import torch
+from torch import fx, nn
+
+_UNKNOWN: Any = object()
+"""A proxy whose value could not be computed on meta (None is a real value)."""
+
+_MODULE_CALL = nn.Module.__call__
+"""fx patches `nn.Module.__call__` while tracing; running a child on meta needs the real one."""
+
+
+class _MetaProxy(fx.Proxy):
+    """A proxy that also carries its value computed on meta tensors, so `len`, iteration and
+    `.shape` unpacks are answered by PyTorch's meta kernels instead of ending the trace."""
+
+    meta: Any = _UNKNOWN
+
+    def __len__(self) -> int:
+        if self.meta is not _UNKNOWN:
+            return len(self.meta)
+        return super().__len__()  # type: ignore[misc]
+
+    def __getattr__(self, k: str) -> _MetaAttribute:
+        return _MetaAttribute(self, k)
+
+    def __setitem__(self, key: object, value: object) -> None:
+        # an in-place write into a container is recorded, not fatal
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
+
+class _MetaAttribute(_MetaProxy, fx.proxy.Attribute):
+    """`x.shape` and the like; fx builds attribute proxies itself, so the value is set here."""
+
+    def __init__(self, root: fx.Proxy, attr: str):
+        super().__init__(root, attr)
+        root_meta = getattr(root, "meta", _UNKNOWN)
+        if root_meta is not _UNKNOWN:
+            with contextlib.suppress(Exception):
+                self.meta = getattr(root_meta, attr)
+
+
+def _reference_weight(module: nn.Module) -> torch.Tensor | None:
+    """A weight whose last dim is the hidden size: the first linear's, else a 1-D/2-D param."""
+    for child in module.modules():
+        if isinstance(child, nn.Linear):
+            return child.weight
+    return next((p for p in module.parameters() if p.ndim in (1, 2)), None)
+
+
+class _LeafTracer(fx.Tracer):
+    varkw: str | None = None  # the forward's `**kwargs` name, iterated as empty
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return True
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _MetaProxy(node, self)
+
+    def create_proxy(self, kind, target, args, kwargs, *extra, **extra_kwargs):
+        proxy = super().create_proxy(kind, target, args, kwargs, *extra, **extra_kwargs)
+        if isinstance(proxy, _MetaProxy) and proxy.meta is _UNKNOWN:
+            with contextlib.suppress(Exception):  # unknown is fatal only if a shape is asked
+                proxy.meta = self._meta_value(kind, target, args, kwargs)
+        return proxy
+
+    def _meta_value(self, kind: str, target: object, args: tuple, kwargs: dict) -> Any:
+        if kind == "placeholder":
+            # vLLM always feeds [1, seq, hidden] hidden states; other inputs stay unknown
+            weight = _reference_weight(self.root)
+            if str(target) == "hidden_states" and weight is not None:
+                return torch.empty(1, 8, weight.shape[-1], dtype=weight.dtype, device="meta")
+            return _UNKNOWN
+        if kind == "get_attr":
+            value = operator.attrgetter(str(target))(self.root)
+            return torch.empty_like(value, device="meta") if torch.is_tensor(value) else value
+        unknown = False
+
+        def meta_of(arg: object) -> object:
+            nonlocal unknown
+            if isinstance(arg, fx.Proxy):
+                meta = getattr(arg, "meta", _UNKNOWN)
+                unknown = unknown or meta is _UNKNOWN
+                return meta
+            return arg
+
+        margs = fx.node.map_aggregate(args, meta_of)
+        mkwargs = fx.node.map_aggregate(kwargs, meta_of)
+        if unknown:
+            return _UNKNOWN
+        if kind == "call_function":
+            return target(*margs, **mkwargs)
+        if kind == "call_method":
+            receiver, *rest = margs
+            return getattr(receiver, str(target))(*rest, **mkwargs)
+        if kind == "call_module":
+            child = self.root.get_submodule(str(target))
+            state = {
+                n: torch.empty_like(t, device="meta")
+                for n, t in chain(child.named_parameters(), child.named_buffers())
+            }
+            with mock.patch.object(nn.Module, "__call__", _MODULE_CALL):
+                return torch.func.functional_call(child, state, margs, mkwargs)
+        return _UNKNOWN
+
+    def _is_varkw(self, node: object) -> bool:
+        return (
+            isinstance(node, fx.Node)
+            and node.op == "placeholder"
+            and str(node.target).lstrip("*") == self.varkw
+        )
+
+    def iter(self, obj: fx.Proxy):
+        node = obj.node
+        if self._is_varkw(node) or (
+            node.op == "call_method" and node.target == "keys" and self._is_varkw(node.args[0])
+        ):
+            return iter(())
+        meta = getattr(obj, "meta", _UNKNOWN)
+        if meta is _UNKNOWN:
+            return super().iter(obj)
+        return iter([obj[i] for i in range(len(meta))])
+
+
+def _leaf(fn):
+    """`fn` recorded as one opaque node returning two values (an attention interface)."""
+
+    def leaf(*args, **kwargs):
+        proxies = tuple(a for a in args if isinstance(a, fx.Proxy))
+        if not proxies:
+            return fn(*args, **kwargs)
+        proxy = proxies[0].tracer.create_proxy("call_function", fn, proxies, {})
+        proxy.node.meta["leaf_call"] = True
+        proxy.meta = (_UNKNOWN, _UNKNOWN)
+        return proxy
+
+    return leaf
+
+
+def _leaf_attention_interfaces():
+    from transformers.modeling_utils import AttentionInterface
+
+    original = AttentionInterface.get_interface
+
+    def get_interface(self, *args, **kwargs):
+        return _leaf(original(self, *args, **kwargs))
+
+    return mock.patch.object(AttentionInterface, "get_interface", get_interface)
+
+
+def forward_parameters(cls: type) -> dict[str, inspect.Parameter]:
+    try:
+        return dict(inspect.signature(cls.forward).parameters)
+    except (TypeError, ValueError):
+        return {}
+
+
+def trace(module: nn.Module) -> fx.Graph | None:
+    """The graph of `module.forward` (partial if the trace stopped), None if none was begun."""
+    params = forward_parameters(type(module))
+    concrete = {"past_key_values": None} if "past_key_values" in params else None
+    tracer = _LeafTracer()
+    tracer.varkw = next(
+        (p.name for p in params.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None
+    )
+    attributes = dict(module.__dict__)  # a forward that sets `self.x = ...` must not leave proxies
+    try:
+        with _leaf_attention_interfaces():
+            return tracer.trace(module, concrete_args=concrete)
+    except Exception:
+        return getattr(tracer, "graph", None)
+    finally:
+        module.__dict__.clear()
+        module.__dict__.update(attributes)
+
+
+# ---- graph queries (fx_utils.py's, with the same walk order: the first linear found wins) ----
+
+
+def is_linear(node: object, module: nn.Module) -> bool:
+    return (
+        isinstance(node, fx.Node)
+        and node.op == "call_module"
+        and isinstance(module.get_submodule(str(node.target)), nn.Linear)
+    )
+
+
+def is_leaf_call(node: object) -> bool:
+    return isinstance(node, fx.Node) and node.meta.get("leaf_call", False)
+
+
+def upstream_linear(node: object, module: nn.Module) -> fx.Node | None:
+    """The nearest linear producing `node`, back through ops and non-linear children (a
+    dropout after the output projection), never through the attention call."""
+    stack, seen = [node], set()
+    while stack:
+        current = stack.pop()
+        if not isinstance(current, fx.Node) or current in seen:
+            continue
+        seen.add(current)
+        if is_linear(current, module):
+            return current
+        if current.op in ("call_function", "call_method", "call_module") and not is_leaf_call(
+            current
+        ):
+            stack.extend(current.args)
+    return None
+
+
+def returned_linear(graph: fx.Graph, module: nn.Module) -> str | None:
+    """The linear producing the forward's (first) returned value; None on a partial trace."""
+    output = next((n for n in graph.nodes if n.op == "output"), None)
+    if output is None or not output.args:
+        return None
+    value = output.args[0]
+    if isinstance(value, (tuple, list)) and value:
+        value = value[0]
+    linear = upstream_linear(value, module)
+    return None if linear is None else str(linear.target)
+
+
+_DTYPE_CASTS = frozenset({"to", "float", "double", "half", "bfloat16", "type_as"})
+
+
+def peel(node: object) -> object:
+    """`node` without dtype casts (`.to(...)`, `.float()`, ...)."""
+    while isinstance(node, fx.Node) and node.op == "call_method" and node.target in _DTYPE_CASTS:
+        node = node.args[0]
+    return node
