@@ -191,7 +191,9 @@ def estimate_memory(
     kv_token = [0] * n_stages
     kv_full = [0] * n_stages
     full_rate = [0] * n_stages  # per-token bytes of layers without a window
-    mla = _mla_latent(facts, raw_config or {})
+    # The latent cache only where vLLM serves the layer with MLAAttention (the plan says which);
+    # an MLA config that does not fuse falls back to full attention and its full-size KV.
+    mla = _mla_latent(facts, raw_config or {}) if any(a.mla for a in plan.attention) else None
     if mla:
         notes.append(f"MLA: one latent of {mla} values per token per layer, on every tp rank")
     encoder_only = any(a.attn_type == "encoder_only" for a in plan.attention)
@@ -201,7 +203,7 @@ def estimate_memory(
         if encoder_only or a.stage >= n_stages:
             continue
         head = a.head_size or _head_size(facts)
-        if mla:
+        if mla and a.mla:
             per_token = mla * nbytes
         elif a.kv_heads_per_rank and head:
             per_token = 2 * a.kv_heads_per_rank * head * nbytes
