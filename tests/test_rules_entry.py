@@ -142,10 +142,10 @@ def test_cli_exit_code_is_one_for_a_refused_model(make, tmp_path):
     assert '"TFB109"' in out.output
 
 
-def test_a_model_type_vllm_parses_with_its_own_config_class_is_flagged():
+def _deepseek_v32():
     from transformers import DeepseekV32Config
 
-    config = DeepseekV32Config(
+    return DeepseekV32Config(
         hidden_size=64,
         intermediate_size=128,
         moe_intermediate_size=32,
@@ -157,8 +157,51 @@ def test_a_model_type_vllm_parses_with_its_own_config_class_is_flagged():
         bos_token_id=1,
         eos_token_id=2,
     )
-    (found,) = findings(facts(config), "TFB111")
+
+
+def test_without_vllm_a_model_type_vllm_reads_with_its_own_config_class_is_a_warning():
+    import dataclasses
+
+    # The facts as a machine without vLLM gathers them: transformers' class.
+    f = dataclasses.replace(facts(_deepseek_v32()), vllm_config_class=None)
+    (found,) = findings(f, "TFB111")
     assert found.severity.value == "warning"
     assert found.data["vllm_config_class"] == "DeepseekV3Config"
     assert findings(facts(llama()), "TFB111") == []
-    assert findings(facts(config), "TFB111", vllm="0.11") == []
+    assert findings(f, "TFB111", vllm="0.11") == []
+
+
+def test_with_vllm_the_model_is_checked_as_vllm_reads_its_config():
+    pytest.importorskip("vllm")
+    f = facts(_deepseek_v32())
+    # vLLM 0.32 reads deepseek_v32 as DeepseekV3Config: DeepSeek-V3 attention, no indexer
+    assert f.vllm_config_class == "DeepseekV3Config"
+    assert f.model_class == "DeepseekV3Model"
+    assert not any(".indexer." in m.qualname for m in f.modules)
+    (found,) = findings(f, "TFB111")
+    assert found.severity.value == "info"
+
+
+def test_with_vllm_a_config_vllms_own_class_cannot_build_is_an_error():
+    # vLLM 0.32 reads kimi_linear with its KimiLinearConfig, from which transformers' model
+    # cannot be built: vLLM fails while building (reports/agreement.md, kimi_linear).
+    pytest.importorskip("vllm")
+    from transformers import KimiLinearConfig
+
+    config = KimiLinearConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    f = facts(config)
+    assert f.vllm_config_class is None and f.vllm_config_error
+    (found,) = findings(f, "TFB111")
+    assert found.severity.value == "error"
+    assert "KimiLinearConfig" in found.message

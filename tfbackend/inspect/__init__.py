@@ -30,21 +30,38 @@ def facts_from_source(source: SourceInfo, *, trust_remote_code: bool = False) ->
 
 def facts_from_config(config, source: SourceInfo, *, trust_remote_code: bool = False) -> ModelFacts:
     """Facts for an in-memory config (the sweep uses this with transformers' default configs)."""
+    from tfbackend.errors import ConfigError
     from tfbackend.inspect.config import text_config_of
     from tfbackend.inspect.entry import architecture_compatible, decoder_signature
     from tfbackend.inspect.meta import build_on_meta, causal_lm_class_name, quiet
+    from tfbackend.inspect.vllm_config import as_vllm_parses
     from tfbackend.inspect.walk import walk
 
-    text = text_config_of(config)
-    # The backend builds the whole model; for a multimodal config we check its language model.
-    model = build_on_meta(
-        text if text is not config else config,
-        trust_remote_code=trust_remote_code,
-        causal_lm_class=causal_lm_class_name(config),
-    )
+    def build(config):
+        text = text_config_of(config)
+        # The backend builds the whole model; for a multimodal config, check its language model.
+        model = build_on_meta(
+            text if text is not config else config,
+            trust_remote_code=trust_remote_code,
+            causal_lm_class=causal_lm_class_name(config),
+        )
+        return model, text
+
+    vllm_config, vllm_config_class, vllm_config_error = as_vllm_parses(config)
+    try:
+        model, text = build(vllm_config)
+        config = vllm_config
+    except ConfigError as exc:
+        if vllm_config_class is None:
+            raise
+        # vLLM fails here too; check transformers' reading so the rest is still reported
+        vllm_config_error, vllm_config_class = str(exc), None
+        model, text = build(config)
     with quiet():
         facts = walk(model, config, text, source)
     facts.causal_lm_class = causal_lm_class_name(config)
+    facts.vllm_config_class = vllm_config_class
+    facts.vllm_config_error = vllm_config_error
     # A multimodal config was built from its text config: vLLM's AutoModel gets the whole one.
     if text is config:
         facts.auto_model_error = getattr(model, "_tfbackend_auto_model_error", None)

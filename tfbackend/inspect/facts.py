@@ -131,6 +131,8 @@ class ModelFacts:
     decoder_forward_args: list[str] | None = None
     decoder_forward_var_kwargs: bool = False
     architecture_compatible: bool | None = None  # vLLM 0.32's registry gate; None: not judged
+    vllm_config_class: str | None = None  # the installed vLLM's own config class, when it has one
+    vllm_config_error: str | None = None  # why transformers cannot build from vLLM's class
 
     def by_kind(self, kind: str) -> list[ModuleFact]:
         return [m for m in self.modules if m.kind == kind]

@@ -258,9 +258,10 @@ For some model types vLLM does not use transformers' config class: its `_CONFIG_
 (vllm/transformers_utils/config.py) maps them to a class of its own, and the Transformers backend
 then builds whatever `AutoModel` makes of that config. It can be another family's model: vLLM 0.32
 reads deepseek_v32 as `DeepseekV3Config`, so the backend builds DeepSeek-V3 attention without the
-V3.2 indexer; hy_v4's `HYV4Config` changes which linears are sharded. tfbackend plans
-transformers' class, so its plan may not be what vLLM builds, and vLLM may refuse configs
-transformers accepts (deepseek_v4).
+V3.2 indexer; hy_v4's `HYV4Config` changes which linears are sharded. With vLLM installed,
+tfbackend re-reads the config with vLLM's class and checks that model (info); without it, the
+plan follows transformers' class and may not be what vLLM builds (warning). vLLM may also refuse
+configs transformers accepts (deepseek_v4).
 """,
     fix="run `tfbackend check --with-vllm` to see what the installed vLLM builds, or serve with "
     "vLLM's native implementation of this model type",
@@ -268,10 +269,31 @@ transformers accepts (deepseek_v4).
 def vllm_config_class(ctx, r):
     model_type = ctx.facts.config.model_type
     vllm_class = ctx.profile.config_overrides.get(model_type)
-    if vllm_class:
+    if vllm_class is None:
+        return
+    if ctx.facts.vllm_config_error:
+        yield r.finding(
+            f"vLLM parses {model_type!r} with its own {vllm_class}, and that fails: "
+            f"{ctx.facts.vllm_config_error}; vLLM cannot build the model (the rest of this "
+            "check read transformers' class)",
+            severity=Severity.ERROR,
+            fix="serve with vLLM's native implementation of this model type",
+            vllm_config_class=vllm_class,
+        )
+    elif ctx.facts.vllm_config_class:
+        yield r.finding(
+            f"vLLM parses {model_type!r} with its own {ctx.facts.vllm_config_class}: checked "
+            "as the installed vLLM reads it, not as transformers' class would build it",
+            severity=Severity.INFO,
+            fix="nothing to do; transformers' own implementation of the model type differs "
+            "from what vLLM serves",
+            vllm_config_class=ctx.facts.vllm_config_class,
+        )
+    else:
         yield r.finding(
             f"vLLM parses {model_type!r} with its own {vllm_class}, not transformers' config "
-            "class: the model it builds may differ from this plan",
+            "class: without vLLM installed this plan follows transformers' class, and the model "
+            "vLLM builds may differ from it",
             vllm_config_class=vllm_class,
         )
 

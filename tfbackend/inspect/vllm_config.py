@@ -1,0 +1,36 @@
+"""The config as the installed vLLM parses it.
+
+For some model types vLLM does not use transformers' config class: its `_CONFIG_REGISTRY`
+(vllm/transformers_utils/config.py) maps them to one of its own, and the backend builds whatever
+`AutoModel` makes of that (deepseek_v32 read as DeepseekV3Config builds DeepSeek-V3 attention,
+without the V3.2 indexer). With vLLM installed, tfbackend checks the model vLLM will build; the
+class is imported only for those model types, so every other check pays nothing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+
+def as_vllm_parses(config: Any) -> tuple[Any, str | None, str | None]:
+    """(config, None, None); or the config re-read with the installed vLLM's class and that
+    class's name; or, when that class rejects the config, (config, None, why): vLLM fails there."""
+    from tfbackend.replace.profiles import PROFILES
+
+    name = PROFILES["vllm-0.32"].config_overrides.get(getattr(config, "model_type", ""))
+    if name is None or importlib.util.find_spec("vllm") is None:
+        return config, None, None
+    try:
+        import vllm.transformers_utils.configs as vllm_configs
+
+        cls = getattr(vllm_configs, name)
+    except Exception:  # noqa: BLE001 - a vLLM without that class: transformers' reading stands
+        return config, None, None
+    if type(config) is cls:
+        return config, name, None
+    try:
+        return cls.from_dict(config.to_dict()), name, None
+    except Exception as exc:  # noqa: BLE001 - vLLM's own class refuses this config
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return config, None, f"{name} rejects the config: {first}"
