@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from types import FunctionType
 from typing import Any
 
+from tfbackend.inspect.rewrite import aliasing_names, written_names
+
 _cache: dict[tuple, dict[str, Any] | None] = {}
 
 # vLLM sets the text config's attention implementation to its own before it traces (base.py).
@@ -734,142 +736,12 @@ def _input_unstable(funcdef: ast.FunctionDef, module: Any, calls: list[ast.Call]
         for n in ast.walk(calls[0].args[0])
         if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)
     }
-    tracked = _aliasing_names(funcdef, seed, module)
+    tracked = aliasing_names(funcdef, seed, module)
     indices = [_top_level_index(funcdef, c) for c in calls]
     region = funcdef.body[min(indices) : max(indices) + 1]
-    if tracked & _written_names(region):
+    if tracked & written_names(region):
         return "projection input is rebound or mutated before all calls"
     return None
-
-
-_METADATA = frozenset({"shape", "dtype", "device", "ndim", "size", "dim", "numel", "item"})
-
-
-def _aliasing_reads(node: ast.expr) -> set[str]:
-    names: set[str] = set()
-    stack: list[ast.AST] = [node]
-    while stack:
-        current = stack.pop()
-        if isinstance(current, ast.Attribute) and current.attr in _METADATA:
-            continue
-        if (
-            isinstance(current, ast.Call)
-            and isinstance(current.func, ast.Attribute)
-            and current.func.attr in _METADATA
-        ):
-            stack.extend(current.args)
-            stack.extend(k.value for k in current.keywords)
-            continue
-        if isinstance(current, ast.Name) and isinstance(current.ctx, ast.Load):
-            names.add(current.id)
-        stack.extend(ast.iter_child_nodes(current))
-    return names
-
-
-def _returns_fresh(node: ast.expr, module: Any) -> bool:
-    """A linear's output (and views of it) aliases nothing the forward was handed."""
-    import torch.nn as nn
-
-    if isinstance(node, ast.Constant):
-        return True
-    if isinstance(node, ast.IfExp):
-        return _returns_fresh(node.body, module) and _returns_fresh(node.orelse, module)
-    if isinstance(node, (ast.Tuple, ast.List)):
-        return all(_returns_fresh(e, module) for e in node.elts)
-    while isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
-        func = node.func
-        if isinstance(func.value, ast.Name) and func.value.id == "self":
-            attribute = getattr(module, func.attr, None)
-            if attribute is None or isinstance(attribute, nn.Linear):
-                return True
-            return bool(node.args) and all(_returns_fresh(a, module) for a in node.args)
-        node = func.value
-    return False
-
-
-def _aliasing_names(funcdef: ast.FunctionDef, seed: set[str], module: Any) -> set[str]:
-    names = set(seed)
-    assigns = [
-        n
-        for n in ast.walk(funcdef)
-        if isinstance(n, (ast.Assign, ast.AnnAssign))
-        and n.value is not None
-        and not _returns_fresh(n.value, module)
-    ]
-    changed = True
-    while changed:
-        changed = False
-        for n in assigns:
-            if not _aliasing_reads(n.value) & names:
-                continue
-            targets = n.targets if isinstance(n, ast.Assign) else [n.target]
-            stores = {
-                c.id
-                for t in targets
-                for c in ast.walk(t)
-                if isinstance(c, ast.Name) and isinstance(c.ctx, ast.Store)
-            }
-            if stores - names:
-                names |= stores
-                changed = True
-    return names
-
-
-def _base_name(node: ast.expr) -> str | None:
-    while isinstance(node, (ast.Attribute, ast.Subscript)):
-        node = node.value
-    return node.id if isinstance(node, ast.Name) else None
-
-
-def _call_name(call: ast.Call) -> str:
-    if isinstance(call.func, ast.Attribute):
-        return call.func.attr
-    return call.func.id if isinstance(call.func, ast.Name) else ""
-
-
-def _inplace(name: str) -> bool:
-    return name.endswith("_") and not name.endswith("__")
-
-
-def _arg_names(call: ast.Call) -> set[str]:
-    return {
-        n.id
-        for a in [*call.args, *(k.value for k in call.keywords)]
-        for n in ast.walk(a)
-        if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)
-    }
-
-
-def _writes_through_args(call: ast.Call) -> bool:
-    for k in call.keywords:
-        if k.arg == "out":
-            return True
-        if k.arg == "inplace" and not (
-            isinstance(k.value, ast.Constant) and k.value.value is False
-        ):
-            return True
-    return _inplace(_call_name(call))
-
-
-def _written_names(region: list[ast.stmt]) -> set[str]:
-    """fx_utils.written_names: rebound, written through, or handed to a writing call."""
-    written: set[str] = set()
-    for stmt in region:
-        if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Call):
-            written |= _arg_names(stmt.value)
-        for n in ast.walk(stmt):
-            if isinstance(n, ast.Name) and isinstance(n.ctx, (ast.Store, ast.Del)):
-                written.add(n.id)
-            elif isinstance(n, (ast.Attribute, ast.Subscript)) and isinstance(
-                n.ctx, (ast.Store, ast.Del)
-            ):
-                written.add(_base_name(n) or "")
-            elif isinstance(n, ast.Call):
-                if isinstance(n.func, ast.Attribute) and _inplace(n.func.attr):
-                    written.add(_base_name(n.func.value) or "")
-                if _writes_through_args(n):
-                    written |= _arg_names(n)
-    return written
 
 
 def _expansion_refusal(funcdef: ast.FunctionDef, module: Any, kv_b_proj: str) -> str | None:

@@ -230,8 +230,8 @@ def _check_input_stable(funcdef, module, calls, block, indices) -> None:
         for n in ast.walk(calls[0].args[0])
         if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)
     }
-    tracked = _aliasing_names(funcdef, seed, module)
-    if tracked & _written_names(block[min(indices) : max(indices) + 1]):
+    tracked = aliasing_names(funcdef, seed, module)
+    if tracked & written_names(block[min(indices) : max(indices) + 1]):
         raise ValueError("projection input is rebound or mutated before all calls")
 
 
@@ -279,7 +279,7 @@ def _writes_through_args(call: ast.Call) -> bool:
     return name.endswith("_") and not name.endswith("__")
 
 
-def _written_names(region: list[ast.stmt]) -> set[str]:
+def written_names(region: list[ast.stmt]) -> set[str]:
     """Names `region` may rebind, write through, or hand to a call for its side effect."""
     written = set()
     for stmt in region:
@@ -341,7 +341,7 @@ def _returns_fresh(node: ast.expr, module: Any) -> bool:
     return False
 
 
-def _aliasing_names(funcdef: ast.FunctionDef, seed: set[str], module: Any) -> set[str]:
+def aliasing_names(funcdef: ast.FunctionDef, seed: set[str], module: Any) -> set[str]:
     """`seed` and every name an assignment may have made a view of one of them."""
     names = set(seed)
     assigns = [
