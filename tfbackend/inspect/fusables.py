@@ -11,9 +11,9 @@ the reason. Shape checks that depend on tp (vLLM's `validate`) are left to the p
 from __future__ import annotations
 
 import ast
-import inspect
-import textwrap
 from typing import Any
+
+from tfbackend.inspect.rewrite import forward_source
 
 # transformers activation names with a vLLM `...AndMul` kernel
 # (vllm/model_executor/layers/activation.py: _ACTIVATION_AND_MUL_REGISTRY)
@@ -68,17 +68,6 @@ def act_and_mul_name(act: Any) -> str | None:
     return None
 
 
-def _forward_def(cls: type) -> ast.FunctionDef:
-    fn = inspect.unwrap(cls.forward)
-    if fn.__code__.co_freevars:
-        raise ValueError("forward is a closure")
-    tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
-    funcdef = tree.body[0]
-    if not isinstance(funcdef, ast.FunctionDef):
-        raise ValueError("forward is not a plain function")
-    return funcdef
-
-
 def _analyse(module: Any, linears: set[str]) -> dict[str, Any]:
     """vLLM's `get_fusers` for this class: each fuser's match on the FX trace, kept only when
     its forward rewrite would succeed (`fx_match`, `rewrite`), in vLLM's priority order."""
@@ -124,7 +113,7 @@ def router_scoring(module: Any) -> str | None:
     if "weight" not in state or state - {"weight", "e_score_correction_bias"}:
         return None
     try:
-        funcdef = _forward_def(type(module))
+        funcdef = forward_source(type(module))
     except Exception:
         return None
     import torch.nn as nn

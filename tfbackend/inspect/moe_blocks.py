@@ -24,7 +24,8 @@ import ast
 import operator
 from typing import Any
 
-from tfbackend.inspect.fusables import _forward_def, router_scoring
+from tfbackend.inspect.fusables import router_scoring
+from tfbackend.inspect.rewrite import forward_source
 
 _DTYPE_CASTS = frozenset({"to", "float", "double", "half", "bfloat16", "type_as"})
 
@@ -123,7 +124,7 @@ def returns_tuple(cls: type) -> bool:
     """Does `cls.forward` return a tuple (vLLM's `_returns_tuple`: a tuple literal, a name bound
     to one, or either side of a conditional)? An unreadable forward counts as one, as there."""
     try:
-        forward = _forward_def(cls)
+        forward = forward_source(cls)
     except Exception:  # noqa: BLE001
         return True
     tuple_names = {
@@ -351,7 +352,7 @@ def _is_traced(block: Any, flow: _Flow, expr: ast.AST) -> bool:
 def _shared_experts(block: Any, experts: str) -> tuple[str | None, str | None]:
     """vLLM's `_match_shared_experts`: the first addition with the experts' output on exactly one
     side; the other side must run exactly one child besides an optional sigmoid gate."""
-    flow = _Flow(block, _forward_def(type(block)))
+    flow = _Flow(block, forward_source(type(block)))
 
     def from_experts(expr: ast.AST) -> bool:
         return any(_module_call(block, n) == experts for n in flow.cone(expr))

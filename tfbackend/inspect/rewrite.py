@@ -23,8 +23,9 @@ from collections.abc import Iterable
 from typing import Any
 
 
-def forward_def(cls: type) -> ast.FunctionDef:
-    """`cls.forward`'s source as vLLM's `recover_forward` accepts it."""
+def forward_source(cls: type) -> ast.FunctionDef:
+    """`cls.forward`'s definition, parsed; raises for a closure or a forward that is no plain
+    function (neither can be read, nor rewritten by vLLM)."""
     fn = inspect.unwrap(cls.forward)
     if fn.__code__.co_freevars:
         raise ValueError("forward is a closure")
@@ -32,6 +33,12 @@ def forward_def(cls: type) -> ast.FunctionDef:
     funcdef = tree.body[0]
     if not isinstance(funcdef, ast.FunctionDef):
         raise ValueError("source is not a plain function definition")
+    return funcdef
+
+
+def forward_def(cls: type) -> ast.FunctionDef:
+    """`cls.forward`'s source as vLLM's `recover_forward` accepts it."""
+    funcdef = forward_source(cls)
     for node in ast.walk(funcdef):
         name = getattr(node, "attr", None) or getattr(node, "id", None)
         if isinstance(name, str) and name.startswith("__") and not name.endswith("__"):
