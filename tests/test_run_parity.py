@@ -115,3 +115,13 @@ def test_timeout_stops_the_ranks_and_leaves_no_orphans(models):
     # The forkserver started with the earlier tests (it is in `before`); no rank outlives the run.
     alive = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
     assert not alive
+
+
+def test_models_whose_attention_sdpa_cannot_compute_run_eager_on_both_sides():
+    # GPT-OSS's learned sinks: transformers refuses sdpa for it, and `run` used to stop there
+    from transformers import GptOssConfig, LlamaConfig
+
+    from tfbackend.parity.reference import attn_implementation
+
+    assert attn_implementation(GptOssConfig()) == "eager"
+    assert attn_implementation(LlamaConfig()) == "sdpa"

@@ -12,7 +12,18 @@ import torch
 from tfbackend.parity.bisect import Recorder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ATTN_IMPLEMENTATION = "sdpa"  # the same kernel on both sides
+ATTN_IMPLEMENTATION = "sdpa"  # the same kernel on both sides, where the model supports it
+
+
+def attn_implementation(config) -> str:
+    """sdpa, or eager for a model whose attention sdpa cannot compute (e.g. learned sinks)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        cls = AutoModelForCausalLM._model_mapping[type(config)]
+    except KeyError:
+        return ATTN_IMPLEMENTATION
+    return ATTN_IMPLEMENTATION if getattr(cls, "_supports_sdpa", True) else "eager"
 
 
 @dataclass
@@ -36,8 +47,11 @@ def compute_reference(
         torch.empty(0, device=dev)
         torch.cuda.reset_peak_memory_stats(dev)
     t0 = time.perf_counter()
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=DTYPES[dtype], attn_implementation=ATTN_IMPLEMENTATION
+        model_dir, dtype=DTYPES[dtype], attn_implementation=attn_implementation(config)
     )
     model = model.to(dev).eval()  # device_map would need accelerate
     load_s = time.perf_counter() - t0

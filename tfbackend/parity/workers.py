@@ -134,13 +134,13 @@ def rank_main(local: int, job: RankJob, queue) -> None:
 def _build(job: RankJob, ctx, stage: int):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from tfbackend.parity.reference import ATTN_IMPLEMENTATION, DTYPES
+    from tfbackend.parity.reference import DTYPES, attn_implementation
     from tfbackend.replace.apply import apply
 
     config = AutoConfig.from_pretrained(job.model_dir)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(
-            config, dtype=DTYPES[job.dtype], attn_implementation=ATTN_IMPLEMENTATION
+            config, dtype=DTYPES[job.dtype], attn_implementation=attn_implementation(config)
         )
     applied = apply(job.plan, model, ctx, stage=stage)
     return model.eval(), applied
