@@ -23,7 +23,7 @@ from tfbackend.inspect.facts import (
     MoEConfig,
     SourceInfo,
 )
-from tfbackend.inspect.fusables import fusion_fact, router_scoring
+from tfbackend.inspect.fusables import fusion_fact
 from tfbackend.inspect.heterogeneous import layer_geometry, whole_model
 from tfbackend.inspect.mla import mla_fact
 from tfbackend.inspect.moe_blocks import moe_block_fact
@@ -323,8 +323,6 @@ def walk(model: Any, config: Any, text: Any, source: SourceInfo) -> ModelFacts:
             fact.attrs["fusion"] = fusion
         if fact.kind in (OTHER, ATTENTION) and (mla := mla_fact(module)) is not None:
             fact.attrs["mla"] = mla
-        if fact.kind == OTHER and "weight" in fact.params and not next(module.children(), None):
-            fact.attrs["router_scoring"] = router_scoring(module)
         modules.append(fact)
 
     pp_plan = list(getattr(model, "_pp_plan", None) or {})

@@ -260,30 +260,11 @@ def fuse_projections(facts: ModelFacts, plan: ReplacementPlan, profile: Profile,
     return entries
 
 
-def _router(facts: ModelFacts, block: str, num_experts: int | None) -> ModuleFact | None:
-    """The block's router: a child other than `experts` holding only a [E, H] weight (and a
-    score-correction bias), as vLLM's MoEBlockFuser._match_router requires. Only for facts
-    gathered before the walker read the whole block (`moe_block`)."""
-    for m in facts.modules:
-        if m.qualname.rsplit(".", 1)[0] != block or m.qualname.endswith(".experts"):
-            continue
-        w = m.params.get("weight")
-        extra = set(m.params) - {"weight", "e_score_correction_bias"}
-        if w and len(w) == 2 and not extra and (num_experts is None or w[0] == num_experts):
-            # ... and whose forward is topk(score(linear(x))) (`router_scoring`, read at walk
-            # time); facts without that reading keep the shape-only match
-            if m.attrs.get("router_scoring", "unread") is not None:
-                return m
-    return None
-
-
-def _block_match(facts: ModelFacts, experts: ModuleFact, num_experts, notes: list[str]):
+def _block_match(facts: ModelFacts, experts: ModuleFact, notes: list[str]):
     """(router fact, shared-expert child name, shared-gate child name) when vLLM routes inside its
     MoERunner, router None when routing stays in Transformers (transformers/moe.py)."""
     block = experts.qualname.rsplit(".", 1)[0]
-    verdict = experts.attrs.get("moe_block")
-    if verdict is None:
-        return _router(facts, block, num_experts), None, None
+    verdict = experts.attrs["moe_block"]  # the walk reads every experts' block (moe_blocks.py)
     if verdict["router"] is None:
         notes.append(f"{block}: routing stays in Transformers: {verdict['reason']}")
         return None, None, None
@@ -329,7 +310,7 @@ def fuse_moe(facts: ModelFacts, plan: ReplacementPlan, profile: Profile, stage_o
                 ParamShard("w13_weight", [E, 2 * inter, H], [E, 2 * per, H], 1),
                 ParamShard("w2_weight", [E, H, inter], [E, H, per], 2),
             ]
-        router, shared, shared_gate = _block_match(facts, m, E, plan.notes)
+        router, shared, shared_gate = _block_match(facts, m, plan.notes)
         if router is not None and params and (bias := router.params.get("e_score_correction_bias")):
             # The router's bias goes to FusedMoE as a kwarg; an nn.Parameter assigned to a module
             # becomes its parameter (a buffer, as most models keep it, does not)
