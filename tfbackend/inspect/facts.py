@@ -6,6 +6,7 @@ Facts are plain data. The planner and the rules read them; nothing downstream to
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import Any
 
 # Module kinds the walker tells apart; everything else is "other".
@@ -133,6 +134,14 @@ class ModelFacts:
     architecture_compatible: bool | None = None  # vLLM 0.32's registry gate; None: not judged
     vllm_config_class: str | None = None  # the installed vLLM's own config class, when it has one
     vllm_config_error: str | None = None  # why transformers cannot build from vLLM's class
+
+    def module(self, qualname: str) -> ModuleFact | None:
+        """The fact for one module, by qualname (planning looks modules up per fused projection)."""
+        return self._by_qualname.get(qualname)
+
+    @cached_property
+    def _by_qualname(self) -> dict[str, ModuleFact]:
+        return {m.qualname: m for m in self.modules}
 
     def by_kind(self, kind: str) -> list[ModuleFact]:
         return [m for m in self.modules if m.kind == kind]

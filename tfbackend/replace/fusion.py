@@ -31,7 +31,8 @@ _PRIORITY = ("glu", "qkv", "packed_qkv", "merged_column")
 
 
 def _linear(facts: ModelFacts, qualname: str) -> ModuleFact | None:
-    return next((m for m in facts.modules if m.qualname == qualname and m.kind == LINEAR), None)
+    m = facts.module(qualname)
+    return m if m is not None and m.kind == LINEAR else None
 
 
 def _entry(qualname, sources, source_class, kind, target, reason, params, stage, **extra):
@@ -268,7 +269,7 @@ def _block_match(facts: ModelFacts, experts: ModuleFact, notes: list[str]):
     if verdict["router"] is None:
         notes.append(f"{block}: routing stays in Transformers: {verdict['reason']}")
         return None, None, None
-    router = _fact(facts, f"{block}.{verdict['router']}")
+    router = facts.module(f"{block}.{verdict['router']}")
     shared, gate = verdict["shared"], verdict["shared_gate"]
     cfg = facts.config
     scale = cfg.raw.get("routed_scaling_factor")
@@ -281,10 +282,6 @@ def _block_match(facts: ModelFacts, experts: ModuleFact, notes: list[str]):
         )
         return None, None, None
     return router, shared, gate
-
-
-def _fact(facts: ModelFacts, qualname: str) -> ModuleFact | None:
-    return next((m for m in facts.modules if m.qualname == qualname), None)
 
 
 def fuse_moe(facts: ModelFacts, plan: ReplacementPlan, profile: Profile, stage_of):
@@ -385,7 +382,7 @@ def _shared_wrappers(facts, experts: ModuleFact, shared: str, gate: str | None, 
     block = experts.qualname.rsplit(".", 1)[0]
     layer = _shared_layer(experts.qualname)
     source = f"{block}.{shared}"
-    source_class = getattr(_fact(facts, source), "class_name", "")
+    source_class = getattr(facts.module(source), "class_name", "")
     out = [
         _entry(
             f"{experts.qualname}._shared_experts",

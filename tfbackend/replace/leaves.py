@@ -71,10 +71,9 @@ def leave_unvisited(facts: ModelFacts, plan: ReplacementPlan, profile: Profile) 
     from tfbackend.replace.planner import replicated_shards
 
     swapped = _swapped_whole(facts, plan)
-    hf = {m.qualname: m for m in facts.modules}
     for i, e in enumerate(plan.entries):
         outer = _swapped_ancestor(e.qualname, swapped)
-        m = hf.get(e.qualname)
+        m = facts.module(e.qualname)
         if outer is None or m is None:
             continue
         plan.entries[i] = PlanEntry(
