@@ -223,32 +223,32 @@ def explain(model_type: str, dis) -> str:
 _NOT_CONSTRUCTION = ["TFB710", "TFB711"]
 
 
-def predicted_errors(facts, tp: int) -> list[str]:
-    """The error rules tfbackend's own `check` raises for this config at this tp (profile
-    vllm-0.32): what it predicts about vLLM refusing, or building something that cannot work."""
+def own_check(facts, tp: int):
+    """tfbackend's own `check` of this config at this tp (profile vllm-0.32): its plan, and the
+    error rules it raises, i.e. what it predicts about vLLM refusing, or building something that
+    cannot work."""
     from tfbackend.check import CheckOptions, check_facts
 
     options = CheckOptions(tp=tp, vllm_version="0.32.0", no_checkpoint=True)
     options.ignore = list(_NOT_CONSTRUCTION)
     report = check_facts(facts, options)
-    return sorted({f.rule_id for f in report.findings if f.severity.value == "error"})
+    assert report.profile == "vllm-0.32", report.profile
+    errors = sorted({f.rule_id for f in report.findings if f.severity.value == "error"})
+    return report.plan, errors
 
 
 def row_for(model_type, arch, text_of, tp, facts, ranks, why, reloads=True) -> Row:
-    from tfbackend.replace.planner import build_plan
-    from tfbackend.replace.profiles import PROFILES
     from tfbackend.vllm_bridge.diff import compare
     from tfbackend.vllm_bridge.run import ParallelBuild
 
     row = Row(model_type, arch, tp, "", text_of=text_of)
-    row.errors = predicted_errors(facts, tp)
+    plan, row.errors = own_check(facts, tp)
     if not reloads:
         row.errors.insert(0, "exit 2")
     if why:
         row.status = "timed out" if why.startswith("timed out") else "worker died"
         row.detail = why
         return row
-    plan = build_plan(facts, tp=tp, pp=1, profile=PROFILES["vllm-0.32"])
     a = compare(facts, plan, ParallelBuild(tp=tp, pp=1, ranks=ranks))
     row.compared, row.agreed = a.compared, a.agreed
     if a.vllm_error:
