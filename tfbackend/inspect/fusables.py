@@ -48,7 +48,7 @@ def fusion_fact(module: Any) -> dict[str, Any] | None:
     )
     if key not in _cache:
         try:
-            _cache[key] = _analyse(module, set(linears))
+            _cache[key] = _analyse(module)
         except Exception as exc:  # any unreadable forward: vLLM's rewrite fails the same way
             _cache[key] = {"fuser": None, "reason": f"forward not analysable: {exc}"}
     return _cache[key]
@@ -68,7 +68,7 @@ def act_and_mul_name(act: Any) -> str | None:
     return None
 
 
-def _analyse(module: Any, linears: set[str]) -> dict[str, Any]:
+def _analyse(module: Any) -> dict[str, Any]:
     """vLLM's `get_fusers` for this class: each fuser's match on the FX trace, kept only when
     its forward rewrite would succeed (`fx_match`, `rewrite`), in vLLM's priority order."""
     from tfbackend.inspect import fx_match, rewrite
