@@ -184,14 +184,39 @@ def trace(module: nn.Module) -> fx.Graph | None:
         (p.name for p in params.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None
     )
     attributes = dict(module.__dict__)  # a forward that sets `self.x = ...` must not leave proxies
+    cls = type(module)
     try:
-        with _leaf_attention_interfaces():
+        with _leaf_attention_interfaces(), _unwrapped_forward(module):
             return tracer.trace(module, concrete_args=concrete)
     except Exception:
         return getattr(tracer, "graph", None)
     finally:
+        module.__class__ = cls
         module.__dict__.clear()
         module.__dict__.update(attributes)
+
+
+@contextlib.contextmanager
+def _unwrapped_forward(module: nn.Module):
+    """Trace the forward transformers wrote, not a decorator around it.
+
+    fx reads the placeholders from the unwrapped code but calls the wrapper, so a wrapper that
+    handles `*args, **kwargs` (5.24's `deprecate_kwarg` on attention forwards) ends the trace
+    before the first projection, and nothing fuses. vLLM reads sources through `inspect.unwrap`
+    everywhere else (fx_utils.recover_forward, fusers/attention.py), and the transformers it
+    supports adds no such wrapper: the plan must not depend on one.
+    """
+    cls = type(module)
+    inner = inspect.unwrap(cls.forward)
+    if inner is cls.forward:
+        yield
+        return
+    # fx traces `type(root).forward`: a same-named subclass holding the inner function
+    module.__class__ = type(cls.__name__, (cls,), {"forward": inner, "__module__": cls.__module__})
+    try:
+        yield
+    finally:
+        module.__class__ = cls
 
 
 # ---- graph queries (fx_utils.py's, with the same walk order: the first linear found wins) ----
