@@ -36,7 +36,7 @@ def attention_interface(ctx, r):
         yield r.finding(
             f"{facts.causal_lm_class} neither declares _supports_attention_backend nor calls "
             "ALL_ATTENTION_FUNCTIONS.get_interface in its module: vLLM's registry refuses it "
-            "(\"not compatible with vLLM\")"
+            '("not compatible with vLLM")'
         )
         return
     stage_layers = [a for a in ctx.plan.attention if a.qualname is None]
