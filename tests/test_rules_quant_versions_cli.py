@@ -77,13 +77,24 @@ def test_transformers_older_than_the_profile_needs_is_an_error():
     assert not list(REGISTRY["TFB801"].check(_ctx(PROFILES["vllm-0.11"])))
 
 
-def test_transformers_newer_than_the_vllm_pin_warns_only_where_vllm_serves():
+def test_transformers_newer_than_the_vllm_pin_warns_that_the_plan_read_other_code():
     load_all()
-    capped = dataclasses.replace(PROFILES["vllm-0.32"], max_transformers="1.0")
+    capped = dataclasses.replace(
+        PROFILES["vllm-0.32"], max_transformers="1.0", serving_transformers="0.9.1"
+    )
     ctx = _ctx(capped)
-    (found,) = REGISTRY["TFB801"].check(ctx)
-    expected = "warning" if ctx.facts.versions.get("vllm") else "info"
-    assert found.severity.value == expected
+    assert not list(REGISTRY["TFB801"].check(ctx))
+    (found,) = REGISTRY["TFB804"].check(ctx)
+    assert found.severity.value == "warning"
+    assert f"read from transformers {ctx.facts.versions['transformers']}" in found.message
+    assert "pip install 'transformers==0.9.1'" in found.fix
+
+
+def test_transformers_inside_the_profile_range_is_not_flagged():
+    load_all()
+    wide = dataclasses.replace(PROFILES["vllm-0.32"], max_transformers="99.0")
+    assert not list(REGISTRY["TFB804"].check(_ctx(wide)))
+    assert not list(REGISTRY["TFB804"].check(_ctx(PROFILES["vllm-0.11"])))  # no known pin
 
 
 def test_torch_other_than_the_release_was_built_for_warns():

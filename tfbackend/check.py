@@ -90,8 +90,20 @@ def check_facts(facts: ModelFacts, options: CheckOptions):
         verdict=verdict_of(findings, strict=options.strict),
         versions=facts.versions,
         sections=sections,
+        read_with=read_with(facts.versions.get("transformers"), profile),
     )
     return report
+
+
+def read_with(transformers_version: str | None, profile) -> dict:
+    """Which transformers the plan was read from, and whether the profile's vLLM serves with it."""
+    from packaging.specifiers import SpecifierSet
+
+    spec = profile.transformers_range()
+    inside = None
+    if transformers_version and spec != "any":
+        inside = SpecifierSet(spec).contains(transformers_version, prereleases=True)
+    return {"transformers": transformers_version, "serving_range": spec, "in_range": inside}
 
 
 def _weights_and_memory(facts: ModelFacts, plan, options: CheckOptions) -> dict:

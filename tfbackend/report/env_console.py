@@ -9,6 +9,8 @@ from rich.markup import escape
 def render_env(env, console: Console) -> None:
     rows = [("tfbackend", env.tfbackend), ("python", env.python), ("platform", env.platform)]
     rows += [(name, version or "not installed") for name, version in env.packages.items()]
+    if env.vllm_distribution:
+        rows.append(("vllm distribution", env.vllm_distribution))
     rows += [
         ("torch CUDA build", env.torch_cuda or "none (CPU build)"),
         ("CUDA available", "yes" if env.cuda_available else "no"),

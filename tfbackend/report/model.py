@@ -10,7 +10,7 @@ from tfbackend.replace.grouping import PlanGroup
 from tfbackend.replace.plan import ReplacementPlan
 from tfbackend.report.findings import Finding, Verdict
 
-REPORT_SCHEMA_VERSION = "1.0"
+REPORT_SCHEMA_VERSION = "1.1"
 
 
 @dataclass
@@ -55,6 +55,9 @@ class CheckReport:
     verdict: Verdict
     versions: dict[str, str | None]
     sections: dict[str, Any] = field(default_factory=dict)  # later checks add sections here
+    # The model code the plan was read from, against what the profile's vLLM serves with:
+    # {"transformers": "5.19.0", "serving_range": ">=5.16.1,<5.20", "in_range": True}
+    read_with: dict[str, Any] = field(default_factory=dict)
     tool_version: str = __version__
     schema_version: str = REPORT_SCHEMA_VERSION
 
@@ -71,6 +74,7 @@ class CheckReport:
             "model": asdict(self.summary),
             "parallel": {"tp": self.tp, "pp": self.pp},
             "profile": {"name": self.profile, "summary": self.profile_summary},
+            "read_with": dict(self.read_with),
             "versions": dict(self.versions),
             "findings": [f.to_dict() for f in self.findings],
             "plan": self.plan.to_dict(),

@@ -72,4 +72,5 @@ EXAMPLES: dict[str, str] = {
     "TFB801": "transformers 5.15 with vLLM 0.32 (needs >= 5.16.1)",
     "TFB802": "torch 2.11 with vLLM 0.32 (built for 2.13)",
     "TFB803": "vLLM 0.32 installed, checked with --vllm-version 0.11",
+    "TFB804": "transformers 5.24 installed, profile vllm-0.32 (serves with 5.19.0)",
 }

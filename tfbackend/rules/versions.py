@@ -30,7 +30,7 @@ def features(ctx) -> list[str]:
 
 @rule(
     "TFB801",
-    "transformers too old (or too new) for this vLLM",
+    "transformers too old for this vLLM",
     Severity.ERROR,
     rationale="""
 The backend calls into transformers' model code and raises
@@ -38,7 +38,8 @@ The backend calls into transformers' model code and raises
 installed version is older than a feature needs (seed era: 4.57.0.dev0 for MoE and encoder
 models; vLLM 0.32: 5.18.0 for video inputs, and vLLM 0.32.0 itself pins
 transformers>=5.16.1,<5.20.0). This checks the transformers installed where tfbackend runs:
-check in the environment you will serve from.
+check in the environment you will serve from. A transformers newer than the vLLM's pin is
+TFB804.
 """,
     fix="install a transformers version inside the profile's range",
 )
@@ -55,20 +56,43 @@ def transformers_version(ctx, r):
                 feature=feature,
                 required=str(need),
             )
+
+
+@rule(
+    "TFB804",
+    "plan read from model code vLLM does not serve with",
+    Severity.WARNING,
+    rationale="""
+`check` reads the model's code (its forward, its modules, its tp_plan) from the transformers
+installed where it runs, and vLLM serves the model with the transformers its own pin allows
+(vLLM 0.32: >=5.16.1,<5.20, which resolves to 5.19.0; vLLM 0.33: <5.21). Model code moves
+between transformers releases: 5.24 wraps attention forwards in a decorator, renames modules,
+adds tp_plan styles. A plan read from a transformers outside the profile's range describes code
+vLLM never runs, so it may differ from what vLLM builds. The report's `read_with` says which
+transformers the plan was read from.
+""",
+    fix="install the transformers the profile's vLLM serves with, then check again",
+)
+def plan_read_with_other_transformers(ctx, r):
+    installed = _v(ctx.facts.versions.get("transformers"))
     ceiling = _v(ctx.profile.max_transformers)
-    if ceiling and installed >= ceiling:
-        # Without vLLM here, this environment is not the serving one: the model code checked may
-        # differ from what the serving transformers runs, which is worth knowing, not a defect.
-        serving_here = bool(ctx.facts.versions.get("vllm"))
-        yield r.finding(
-            f"transformers {installed} is newer than {ctx.profile.name} supports (< {ceiling}): "
-            + (
-                "the backend may break on changed internals"
-                if serving_here
-                else "the serving environment will run an older transformers' model code"
-            ),
-            severity=Severity.WARNING if serving_here else Severity.INFO,
-        )
+    if installed is None or ceiling is None or installed < ceiling:
+        return  # below the range, TFB801 already fails the model
+    serving = ctx.profile.serving_transformers
+    yield r.finding(
+        f"the plan was read from transformers {installed}; {ctx.profile.name} serves with "
+        f"transformers {ctx.profile.transformers_range()}"
+        + (f" ({serving} on a fresh install)" if serving else "")
+        + ", whose model code may differ",
+        fix=(
+            f"pip install 'transformers=={serving}' and check again"
+            if serving
+            else f"install transformers {ctx.profile.transformers_range()} and check again"
+        ),
+        installed=str(installed),
+        serving_range=ctx.profile.transformers_range(),
+        serving=serving,
+    )
 
 
 @rule(
