@@ -93,7 +93,7 @@ def forward(folder: Path, config) -> dict:
     }
 
 
-def zoo_one(model_type: str, root: str) -> dict:
+def zoo_one(model_type: str, root: str, fast: bool = False) -> dict:
     from transformers import AutoConfig
 
     from tfbackend.check import CheckOptions, check
@@ -125,12 +125,17 @@ def zoo_one(model_type: str, root: str) -> dict:
     except Exception as exc:  # noqa: BLE001 - the zoo records every failure and goes on
         row["reason"] = f"{phase}: {_one_line(exc)}"
     row["seconds"] = round(time.perf_counter() - t0, 2)
+    if fast:
+        return row
+    t0 = time.perf_counter()
     if row["status"] == "ok":
         try:
             with quiet():
                 row["lost"], row["gained"] = character_diff(model_type, config)
         except Exception as exc:  # noqa: BLE001 - a default config that does not build itself
             row["character"] = f"default config does not build: {_one_line(exc)}"
+    row["character_s"] = round(time.perf_counter() - t0, 2)
+    t0 = time.perf_counter()
     if (folder / "config.json").is_file():
         try:
             with quiet():
@@ -141,10 +146,11 @@ def zoo_one(model_type: str, root: str) -> dict:
             )
         except Exception as exc:  # noqa: BLE001 - check's own refusal (exit 2) is a verdict too
             row["check"] = f"exit 2: {_one_line(exc)}"
+    row["check_s"] = round(time.perf_counter() - t0, 2)
     return row
 
 
-def _worker(conn, root: str) -> None:
+def _worker(conn, root: str, fast: bool) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     import torch
@@ -157,14 +163,14 @@ def _worker(conn, root: str) -> None:
         model_type = conn.recv()
         if model_type is None:
             return
-        conn.send(zoo_one(model_type, root))
+        conn.send(zoo_one(model_type, root, fast))
 
 
 class Worker:
-    def __init__(self, root: str):
+    def __init__(self, root: str, fast: bool):
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker, args=(child, root), daemon=True)
+        self.proc = ctx.Process(target=_worker, args=(child, root, fast), daemon=True)
         self.proc.start()
 
     def run(self, model_type: str, timeout: float) -> dict | None:
@@ -194,6 +200,9 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per model")
     parser.add_argument("--out", default=str(ROOT / "reports" / "tiny-zoo"))
     parser.add_argument("--keep", default=None, help="write the tiny models here, and keep them")
+    parser.add_argument(
+        "--fast", action="store_true", help="skip the parts comparison and check (run only)"
+    )
     args = parser.parse_args()
 
     only = {s.strip() for s in args.only.split(",") if s.strip()}
@@ -202,7 +211,7 @@ def main() -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tiny-zoo-") as tmp:
         root = args.keep or tmp
-        worker = Worker(root)
+        worker = Worker(root, args.fast)
         try:
             for i, (model_type, cls) in enumerate(archs, 1):
                 t0 = time.perf_counter()
@@ -213,7 +222,7 @@ def main() -> int:
                     why = f"timed out after {args.timeout:.0f} s" if alive else "worker died"
                     row = {"model_type": model_type, "status": "fail", "reason": why}
                     row["seconds"] = round(time.perf_counter() - t0, 2)
-                    worker = Worker(root)
+                    worker = Worker(root, args.fast)
                 row["class"] = cls
                 rows.append(row)
                 print(
@@ -239,6 +248,7 @@ def write(rows: list[dict], out: str, seconds: float) -> None:
         "transformers": transformers.__version__,
         "torch": torch.__version__,
         "seconds": round(seconds, 1),
+        "prompt_tokens": PROMPT_LEN,
     }
     Path(out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     Path(out + ".md").write_text(markdown(rows, meta))
@@ -248,65 +258,107 @@ def _cell(text) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def _run_cell(r: dict) -> tuple[str, str]:
+    """(ok | cannot | fail, reason): a listed architecture that fails is "cannot" with its listed
+    reason; one that runs after all says so."""
+    if r["status"] == "ok":
+        listed = r.get("cannot_run")
+        return "ok", f"listed as cannot run ({listed}), but ran" if listed else ""
+    if r.get("cannot_run"):
+        return "cannot", f"{r['cannot_run']} ({r.get('reason', '')})"
+    return "fail", r.get("reason", "")
+
+
+def _geometry_cell(g: dict | None) -> str:
+    if not g:
+        return ""
+    if not g.get("heads"):
+        return "no attention"
+    text = f"{g['head_dim']} / {g['heads']} / {g['kv_heads']}"
+    if "mla_latent" in g:
+        text += f" (MLA latent {g['mla_latent']})"
+    if "layers" in g:
+        text += " (per layer: " + ", ".join(str(x["head_dim"]) for x in g["layers"]) + ")"
+    return text
+
+
+def _check_cell(r: dict) -> str:
+    check = r.get("check", "")
+    if r.get("check_errors"):
+        check += " (" + ", ".join(r["check_errors"]) + ")"
+    return check
+
+
+def _character_cell(r: dict) -> str:
+    if r.get("character"):
+        return r["character"]
+    parts = []
+    if r.get("lost"):
+        parts.append("lost " + ", ".join(r["lost"]))
+    if r.get("gained"):
+        parts.append("gained " + ", ".join(r["gained"]))
+    return "; ".join(parts) or ("same parts" if "lost" in r else "")
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
-    ok = [r for r in rows if r["status"] == "ok"]
-    cannot = [r for r in rows if r["status"] != "ok" and r.get("cannot_run")]
-    failed = [r for r in rows if r["status"] != "ok" and not r.get("cannot_run")]
+    runs = [_run_cell(r)[0] for r in rows]
+    checks: dict[str, int] = {}
+    for r in rows:
+        verdict = r.get("check", "not checked").split(":")[0]
+        checks[verdict] = checks.get(verdict, 0) + 1
     lines = [
         "# Tiny zoo: a tiny random-weight model of every causal-LM architecture",
         "",
         "Generated by `nice -n 10 python3 scripts/tiny_zoo.py`; do not edit by hand. Each "
-        "architecture's default config is shrunk by `tfbackend.parity.tiny.tiny_config` "
-        "(hidden 128, 4 heads of 32, 2 kv heads, 2 layers or one per layer kind, vocab 512, "
-        "float32), written with spread random safetensors weights, reloaded with "
-        f"`AutoModelForCausalLM.from_pretrained` and run forward on {PROMPT_LEN} tokens on CPU. "
-        "*lost/gained*: module classes of the default config's meta build missing from the "
-        "tiny model, or new in it. *check*: `tfbackend check DIR --tp 2` on the tiny folder.",
+        "architecture's default config (`CONFIG_MAPPING[model_type]()`) is shrunk by "
+        "`tfbackend.parity.tiny.tiny_config` (hidden 128, 4 heads of 32, 2 kv heads, 2 layers "
+        "or one per kind of layer, 4 experts top-2, vocab 512, float32; multimodal configs keep "
+        "their outer config), written by `make_tiny_model` with spread random safetensors "
+        "weights, reloaded with `AutoModelForCausalLM.from_pretrained(dir, dtype=float32)` "
+        f"(every saved weight found) and run forward on {meta['prompt_tokens']} token ids "
+        "(no special ids) on CPU.",
         "",
-        f"- transformers {meta['transformers']}, torch {meta['torch']}; {meta['seconds']} s",
-        f"- {len(rows)} architectures: {len(ok)} run, {len(cannot)} cannot run (reason given), "
-        f"{len(failed)} failed",
+        "- *parts*: the module classes and per-layer kinds (`layer_types` and the like) of "
+        "the default config's meta build against the tiny model's: *same parts*, or what the "
+        "tiny model lost or gained (some default configs do not build at all: said so).",
+        "- *head / heads / kv*: the attention geometry vLLM reads from the text config.",
+        "- *check*: `tfbackend check DIR --tp 2` on the tiny folder (in-process, the CLI's own "
+        "call), with its error rules; *exit 2* is check refusing the input.",
         "",
-        "| model_type | class | run | reason | params | s | head_dim / heads / kv | check | "
-        "lost / gained |",
-        "|---|---|---|---|---:|---:|---|---|---|",
+        f"transformers {meta['transformers']}, torch {meta['torch']}; {len(rows)} "
+        f"architectures in {meta['seconds']} s: **{runs.count('ok')} run**, "
+        f"{runs.count('cannot')} cannot run (reason given), {runs.count('fail')} failed. "
+        "check at tp 2: " + ", ".join(f"{v} {n}" for v, n in sorted(checks.items())) + ".",
+        "",
     ]
-    for r in rows:
-        g = r.get("geometry") or {}
-        geo = f"{g.get('head_dim')} / {g.get('heads')} / {g.get('kv_heads')}" if g else ""
-        run = r["status"] if not (r["status"] != "ok" and r.get("cannot_run")) else "cannot"
-        reason = r.get("cannot_run", "") if run == "cannot" else r.get("reason", "")
-        if run == "ok" and r.get("cannot_run"):
-            reason = f"listed as cannot run ({r['cannot_run']}) but ran"
-        check = r.get("check", "")
-        if r.get("check_errors"):
-            check += " (" + ", ".join(r["check_errors"]) + ")"
-        diff = "; ".join(
-            x
-            for x in (
-                ("−" + ", ".join(r["lost"])) if r.get("lost") else "",
-                ("+" + ", ".join(r["gained"])) if r.get("gained") else "",
-            )
-            if x
+    cannot = [(r, _run_cell(r)[1]) for r in rows if _run_cell(r)[0] == "cannot"]
+    if cannot:
+        lines += ["## Cannot run", ""]
+        lines += [f"- `{r['model_type']}` ({r['class']}): {why}" for r, why in cannot]
+        lines.append("")
+    failed = [(r, _run_cell(r)[1]) for r in rows if _run_cell(r)[0] == "fail"]
+    if failed:
+        lines += ["## Failed", ""]
+        lines += [f"- `{r['model_type']}` ({r['class']}): {why}" for r, why in failed]
+        lines.append("")
+    lines += [
+        "## Per architecture",
+        "",
+        "| model_type | class | run | params | s | head / heads / kv | check | parts |",
+        "|---|---|---|---:|---:|---|---|---|",
+    ]
+    for r, run in zip(rows, runs, strict=True):
+        cells = (
+            r["model_type"],
+            r["class"],
+            run,
+            f"{r['params']:,}" if r.get("params") else "",
+            r.get("seconds", ""),
+            _geometry_cell(r.get("geometry")),
+            _check_cell(r),
+            _character_cell(r),
         )
-        lines.append(
-            "| "
-            + " | ".join(
-                _cell(x)
-                for x in (
-                    r["model_type"],
-                    r["class"],
-                    run,
-                    reason,
-                    f"{r['params']:,}" if r.get("params") else "",
-                    r.get("seconds", ""),
-                    geo,
-                    check,
-                    diff,
-                )
-            )
-            + " |"
-        )
+        lines.append("| " + " | ".join(_cell(x) for x in cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -80,6 +80,8 @@ ROLES: dict[str, tuple[str, ...]] = {
         "decoder_attention_heads",
         "num_encoder_attention_heads",
         "num_decoder_attention_heads",
+        "swa_num_attention_heads",
+        "num_attention_heads_per_layer",
     ),
     "kv_heads": (
         "num_key_value_heads",
@@ -88,8 +90,16 @@ ROLES: dict[str, tuple[str, ...]] = {
         "kv_n_heads",
         "multi_query_group_num",
         "num_query_groups",
+        "swa_num_key_value_heads",
     ),
-    "head_dim": ("head_dim", "attention_head_dim", "d_head", "dim_head", "attention_head_size"),
+    "head_dim": (
+        "head_dim",
+        "attention_head_dim",
+        "d_head",
+        "dim_head",
+        "attention_head_size",
+        "swa_head_dim",
+    ),
     "layers": (
         "num_hidden_layers",
         "n_layer",
@@ -99,6 +109,7 @@ ROLES: dict[str, tuple[str, ...]] = {
         "encoder_layers",
         "num_decoder_layers",
         "num_encoder_layers",
+        "num_blocks",
     ),
     "intermediate": (
         "intermediate_size",
@@ -138,6 +149,15 @@ ROLES: dict[str, tuple[str, ...]] = {
     ),
     "groups": ("n_group", "num_expert_group"),
     "topk_group": ("topk_group",),
+    "lora_rank": ("q_lora_rank", "o_lora_rank"),
+    # linear attention (Gated DeltaNet, KDA): value heads as query heads, key heads as kv heads
+    "linear_heads": ("linear_num_value_heads", "linear_num_heads"),
+    "linear_kv_heads": ("linear_num_key_heads",),
+    "linear_head_dim": (
+        "linear_key_head_dim",
+        "linear_value_head_dim",
+        "linear_head_dim",
+    ),  # MLA's query and DeepSeek-V4's output ranks
     "max_positions": (
         "max_position_embeddings",
         "n_positions",
@@ -204,6 +224,22 @@ FAMILY: dict[str, dict[str, Any]] = {
         "num_hidden_layers": 3,
         "layers_block_type": ["linear_attention", "hybrid", "hybrid"],
     },
+    # Sliding layers have their own geometry: twice the kv heads of the full ones (16 vs 8).
+    "inkling_text": {"swa_num_key_value_heads": lambda d, size: 2 * size.kv_heads},
+    # The audio encoder's convolution channels (1024) sized like its hidden states.
+    "phi4_multimodal_audio": {
+        "ext_pw_out_channel": lambda d, size: size.hidden,
+        "depthwise_separable_out_channel": lambda d, size: size.hidden,
+        "nemo_conv_channels": lambda d, size: size.hidden,
+    },
+    # Zero experts (identity experts the router may pick): 256 beside 512 routed, kept in ratio.
+    "longcat_flash": {"zero_expert_num": EXPERTS // 2},
+    # num_hidden_layers is virtual: num_layers_per_stack x H_cycles x (L_cycles + 1) stack
+    # applications (2 x 2 x 4 x 16 by default); one layer per stack, both recurrence levels
+    # kept (H 2, L 1): 4.
+    "hrm_text": {"num_layers_per_stack": 1, "L_cycles": 1, "num_hidden_layers": 4},
+    # The default has one expert, top-1 (routing never chooses); Hunyuan-A13B has 64, top-8.
+    "hunyuan_v1_moe": {"num_experts": EXPERTS, "moe_topk": TOP_K},
     # Attention every attn_layer_period layers from attn_layer_offset (8 and 4), experts every
     # 2nd from 1: in 2 layers, one Mamba + dense MLP layer and one attention + MoE layer.
     "jamba": {
@@ -215,8 +251,6 @@ FAMILY: dict[str, dict[str, Any]] = {
     # block_types is a repeated pattern (recurrent, recurrent, attention), not a per-layer
     # list: 3 layers keep it whole.
     "recurrent_gemma": {"num_hidden_layers": 3},
-    # Cross-attention layer indices (3, 8, ...): layer 1 of 2.
-    "mllama_text_model": {"cross_attention_layers": [1]},
     # ReformerModelWithLMHead asserts is_decoder; the default is an encoder.
     "reformer": {
         "is_decoder": True,
@@ -353,14 +387,15 @@ def _changed(new: dict, full: dict, diff: dict, cls: type | None) -> dict:
     derived: set[str] = set()
     if dataclasses.is_dataclass(cls):
         fields = {f.name: f.default for f in dataclasses.fields(cls)}
+        aliases = getattr(cls, "attribute_map", {}) or {}
+        named = set(fields) | set(aliases) | set(aliases.values())
         try:
             default = cls().to_dict()
         except Exception:  # noqa: BLE001 - a class without a buildable default derives nothing
             default = {}
         for k, v in default.items():
-            if k not in fields or (
-                fields[k] is None and v is not None and new.get(k) == full.get(k)
-            ):
+            unset = fields.get(k, 0) is None and v is not None and new.get(k) == full.get(k)
+            if k not in named or unset:
                 derived.add(k)
     out = {}
     for k, v in new.items():
@@ -442,6 +477,10 @@ def _shrink(d: dict, size: Sizes) -> None:
     _set_role(d, "expert_intermediate", size.expert_intermediate)
     _shrink_moe(d)
     _shrink_mla(d, old, size)
+    _set_role(d, "lora_rank", MLA_Q_LORA_RANK)
+    _set_role(d, "linear_heads", size.heads)
+    _set_role(d, "linear_kv_heads", size.kv_heads)
+    _set_role(d, "linear_head_dim", HEAD_DIM)
     _set_role(d, "max_positions", MAX_POSITIONS)
     _set_role(d, "window", WINDOW)
     _set_role(d, "dense_prefix", 1)  # one dense layer, then MoE ones
@@ -478,8 +517,6 @@ def _shrink_mla(d: dict, old: dict, size: Sizes) -> None:
     old_rope, old_nope = old.get("qk_rope_head_dim"), old.get("qk_nope_head_dim")
     old_head_dim = old.get("head_dim")
     d.update(MLA)
-    if d.get("q_lora_rank") is not None:
-        d["q_lora_rank"] = MLA_Q_LORA_RANK
     qk = MLA["qk_nope_head_dim"] + MLA["qk_rope_head_dim"]
     if "qk_head_dim" in d:
         d["qk_head_dim"] = qk
@@ -494,14 +531,23 @@ def _shrink_mla(d: dict, old: dict, size: Sizes) -> None:
 
 
 def _shrink_layers(d: dict, old_layers: int) -> None:
-    """Keep one layer per distinct per-layer setting (at least LAYERS), and cut every per-layer
-    list of the old length to the kept layers."""
+    """Keep one layer per distinct per-layer setting (at least LAYERS): cut every per-layer list
+    of the old length to the kept layers, and renumber every list of layer indices (Llama 4's
+    moe_layers, Mllama's cross_attention_layers) to the kept layers it names."""
+    index_lists = [k for k, v in d.items() if _layer_indices(v, old_layers)]
     lists = [
         k
         for k, v in d.items()
-        if isinstance(v, list) and len(v) == old_layers and old_layers > 1 and _hashable(v)
+        if isinstance(v, list)
+        and len(v) == old_layers
+        and old_layers > 1
+        and _hashable(v)
+        and k not in index_lists
     ]
-    features = [{(k, _key(d[k][i])) for k in lists} for i in range(old_layers)]
+    features = [
+        {(k, _key(d[k][i])) for k in lists} | {(k, i in d[k]) for k in index_lists}
+        for i in range(old_layers)
+    ]
     shared = d.get("num_kv_shared_layers")
     if _is_size(shared) and shared < old_layers:
         # The last num_kv_shared_layers layers reuse the KV of the last earlier layer of their
@@ -525,7 +571,22 @@ def _shrink_layers(d: dict, old_layers: int) -> None:
         d["num_kv_shared_layers"] = sum(i >= old_layers - shared for i in keep)
     for k in lists:
         d[k] = [d[k][i] for i in keep]
+    for k in index_lists:
+        d[k] = [j for j, i in enumerate(keep) if i in d[k]]
     _set_role(d, "layers", len(keep))
+
+
+def _layer_indices(v: Any, old_layers: int) -> bool:
+    """A list of layer indices: increasing ints below the layer count (a per-layer list of
+    flags or kinds repeats values)."""
+    return (
+        old_layers > 2
+        and isinstance(v, list)
+        and bool(v)
+        and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < old_layers for x in v)
+        and all(a < b for a, b in zip(v, v[1:], strict=False))
+        and len(v) > 1
+    )
 
 
 def _hashable(v: list) -> bool:
@@ -714,28 +775,36 @@ def character_diff(original: Any, tiny: Any) -> tuple[list[str], list[str]]:
     text = original.get_text_config()
     layers = getattr(text, "num_hidden_layers", None)
     sizes = {name for names in ROLES.values() for name in names}  # shrunk, not kinds
+    values = text.to_dict()
     per_layer = [
         k
-        for k, v in text.to_dict().items()
+        for k, v in values.items()
         if isinstance(v, list)
         and _is_size(layers)
         and layers > 2
-        and len(v) == layers
         and k not in sizes
+        and (len(v) == layers or _layer_indices(v, layers))
     ]
-    a, b = _parts(original, per_layer), _parts(tiny, per_layer)
+    index_lists = {k for k in per_layer if _layer_indices(values[k], layers)}
+    a, b = _parts(original, per_layer, index_lists), _parts(tiny, per_layer, index_lists)
     return sorted(a - b), sorted(b - a)
 
 
-def _parts(config: Any, per_layer: list[str]) -> set[str]:
+def _parts(config: Any, per_layer: list[str], index_lists: set[str]) -> set[str]:
     import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     out = {type(m).__name__ for m in model.modules()}
-    text = config.get_text_config().to_dict()
+    text = config.get_text_config()
+    values = text.to_dict()
     for name in per_layer:
-        if isinstance(text.get(name), list) and _hashable(text[name]):
-            out |= {f"{name}={_key(v)}" for v in text[name]}
+        value = values.get(name)
+        if name in index_lists and isinstance(value, list):
+            # what matters is that some layers are in the list and (if so before) some not
+            out |= {f"{name}: some layer"} if value else set()
+            out |= {f"{name}: not every layer"} if len(value) < text.num_hidden_layers else set()
+        elif isinstance(value, list) and _hashable(value):
+            out |= {f"{name}={_key(v)}" for v in value}
     return out
