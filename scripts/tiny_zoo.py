@@ -203,7 +203,14 @@ def main() -> int:
     parser.add_argument(
         "--fast", action="store_true", help="skip the parts comparison and check (run only)"
     )
+    parser.add_argument(
+        "--render", action="store_true", help="only re-render the Markdown from the JSON"
+    )
     args = parser.parse_args()
+    if args.render:
+        data = json.loads(Path(args.out + ".json").read_text())
+        Path(args.out + ".md").write_text(markdown(data["rows"], data["meta"]))
+        return 0
 
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     archs = [(t, c) for t, c in architectures() if not only or t in only]
@@ -321,6 +328,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "- *parts*: the module classes and per-layer kinds (`layer_types` and the like) of "
         "the default config's meta build against the tiny model's: *same parts*, or what the "
         "tiny model lost or gained (some default configs do not build at all: said so).",
+        "- *s*: seconds to build, save, reload and run (the first model also pays the imports); "
+        "*logit std*: the spread of its logits (a config's own logit scale, e.g. Cohere's "
+        "1/16, keeps them narrower: near-ties are likelier there).",
         "- *head / heads / kv*: the attention geometry vLLM reads from the text config.",
         "- *check*: `tfbackend check DIR --tp 2` on the tiny folder (in-process, the CLI's own "
         "call), with its error rules; *exit 2* is check refusing the input.",
@@ -344,8 +354,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines += [
         "## Per architecture",
         "",
-        "| model_type | class | run | params | s | head / heads / kv | check | parts |",
-        "|---|---|---|---:|---:|---|---|---|",
+        "| model_type | class | run | params | s | logit std | head / heads / kv | check | parts |",
+        "|---|---|---|---:|---:|---:|---|---|---|",
     ]
     for r, run in zip(rows, runs, strict=True):
         cells = (
@@ -354,6 +364,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
             run,
             f"{r['params']:,}" if r.get("params") else "",
             r.get("seconds", ""),
+            f"{r['logit_std']:.2f}" if r.get("logit_std") else "",
             _geometry_cell(r.get("geometry")),
             _check_cell(r),
             _character_cell(r),

@@ -263,10 +263,10 @@ FAMILY: dict[str, dict[str, Any]] = {
     # Full-attention layers have their own head size (global_head_dim, 512 against 256), from
     # which __post_init__ derives per_layer_config: keep them twice the sliding layers'.
     "gemma4_text": {"global_head_dim": 2 * HEAD_DIM},
+    "gemma4_unified_text": {"global_head_dim": 2 * HEAD_DIM},
     # attention_types is [[pattern, repeats]] (global, local) x 12, from which it derives
     # attention_layers: the pattern once.
     "gpt_neo": {"attention_types": [[["global", "local"], 1]]},
-    "gemma4_unified_text": {"global_head_dim": 2 * HEAD_DIM},
     # Mamba heads must tile mamba_expand x hidden: 4 heads of 64 (validate_architecture).
     "bamba": {"mamba_n_heads": 4, "mamba_d_head": 64, "mamba_n_groups": 1, "mamba_d_state": 16},
     "granitemoehybrid": {
