@@ -172,3 +172,15 @@ def test_installed_console_script_runs():
 def test_help_and_version():
     assert run("--version").output.startswith("tfbackend ")
     assert "check" in run("--help").output
+
+
+@pytest.mark.parametrize("model_type", ["falcon_h1", "mamba2"])
+def test_a_config_saved_with_infinity_reads_as_transformers_reads_it(tmp_path, model_type):
+    # transformers writes float("inf") as {"__float__": "Infinity"} (time_step_limit)
+    from tfbackend.parity.tiny import tiny_config
+
+    config = tiny_config(model_type)
+    config.save_pretrained(tmp_path)
+    assert '"__float__"' in (tmp_path / "config.json").read_text()
+    result = run("check", tmp_path, "--no-checkpoint")
+    assert result.exit_code in (0, 1), result.output

@@ -73,7 +73,7 @@ def load_config(source: SourceInfo, *, trust_remote_code: bool = False) -> Loade
             )
         else:
             # Built from the class transformers ships: a repo's auto_map is never imported.
-            config = CONFIG_MAPPING[model_type].from_dict(dict(raw))
+            config = CONFIG_MAPPING[model_type].from_dict(_decoded(raw))
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise ConfigError(
             f"transformers cannot build a {model_type!r} config from {source.config_path}: "
@@ -86,6 +86,15 @@ def load_config(source: SourceInfo, *, trust_remote_code: bool = False) -> Loade
         raw=raw,
         custom_code_used=use_remote,
     )
+
+
+def _decoded(raw: dict[str, Any]) -> dict[str, Any]:
+    """The dict as `from_pretrained` reads it: transformers saves inf/nan as
+    `{"__float__": "Infinity"}` (Mamba-2's `time_step_limit`) and decodes them when it loads."""
+    from transformers import PreTrainedConfig
+
+    decode = getattr(PreTrainedConfig, "_decode_special_floats", None)
+    return decode(dict(raw)) if decode else dict(raw)
 
 
 def text_config_of(config: Any) -> Any:
