@@ -47,6 +47,12 @@ def run(
     trust_remote_code: bool = typer.Option(
         False, "--trust-remote-code", help="Allow the repo's own modelling code."
     ),
+    reference: str = typer.Option(
+        "auto",
+        "--reference",
+        help="memory (from_pretrained), streamed (one layer at a time from the safetensors), or "
+        "auto: streamed when the model does not fit where the reference runs.",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the JSON report only."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
@@ -59,7 +65,7 @@ def run(
         tp=tp, pp=pp, device=device, dtype=dtype, reference_dtype=reference_dtype,
         prompts_file=prompts, max_prompts=max_prompts, bisect=bisect, timeout_s=timeout,
         engine=engine, offline=offline or None, trust_remote_code=trust_remote_code,
-        revision=revision, token=token,
+        revision=revision, token=token, reference=reference,
     )  # fmt: skip
     with user_errors(debug), live_progress() as progress:
         report = run_parity(model, options, progress)

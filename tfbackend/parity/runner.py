@@ -38,6 +38,7 @@ class RunOptions:
     trust_remote_code: bool = False
     revision: str | None = None
     token: str | None = None
+    reference: str = "auto"  # "auto" | "memory" | "streamed" (parity/reference_mode.py)
 
     def validate(self) -> None:
         if self.tp < 1 or self.pp < 1:
@@ -49,6 +50,9 @@ class RunOptions:
                 raise UserError(f"dtype must be float32, bfloat16 or float16, got {d!r}")
         if self.engine not in ("native", "vllm"):
             raise UserError(f"--engine must be native or vllm, got {self.engine!r}")
+        from tfbackend.parity.reference_mode import validate_mode
+
+        validate_mode(self.reference)
 
 
 @dataclass
@@ -69,6 +73,9 @@ class RunReport:
     ranks: list[RankStats] = field(default_factory=list)
     phases: dict[str, float] = field(default_factory=dict)
     reference_peak_bytes: int | None = None
+    reference_peak_kind: str = ""  # "cuda_allocated" or "rss_growth" (host RSS peak - RSS before)
+    reference_mode: str = ""  # "memory" or "streamed"
+    reference_bytes_read: int | None = None
     divergence: Divergence | None = None
     model_error: str | None = None
     notes: list[str] = field(default_factory=list)
@@ -131,17 +138,10 @@ def run(model: str, options: RunOptions, progress: Progress = _noop) -> RunRepor
     )
 
     t = time.perf_counter()
-    progress("reference", "running", f"plain transformers, {ref_dtype}, {len(prompts)} prompts")
-    from tfbackend.parity.reference import compute_reference
+    from tfbackend.parity.reference_mode import run_reference
 
-    reference = compute_reference(
-        local_dir, prompts, dtype=ref_dtype, device=options.device, capture=options.bisect
-    )
+    reference = run_reference(local_dir, prompts, options, report, progress)
     phases["reference"] = time.perf_counter() - t
-    report.reference_peak_bytes = reference.peak_bytes
-    progress(
-        "reference", "done", f"load {reference.load_s:.1f}s, forward {reference.forward_s:.2f}s"
-    )
     phases["reference forward"] = reference.forward_s
 
     if options.engine == "vllm":
