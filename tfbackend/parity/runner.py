@@ -39,6 +39,7 @@ class RunOptions:
     revision: str | None = None
     token: str | None = None
     reference: str = "auto"  # "auto" | "memory" | "streamed" (parity/reference_mode.py)
+    launcher: str = "spawn"  # "spawn" (tfbackend starts the ranks) | "torchrun" (parity/launch.py)
 
     def validate(self) -> None:
         if self.tp < 1 or self.pp < 1:
@@ -50,9 +51,11 @@ class RunOptions:
                 raise UserError(f"dtype must be float32, bfloat16 or float16, got {d!r}")
         if self.engine not in ("native", "vllm"):
             raise UserError(f"--engine must be native or vllm, got {self.engine!r}")
+        from tfbackend.parity.launch import validate_launch
         from tfbackend.parity.reference_mode import validate_mode
 
         validate_mode(self.reference)
+        validate_launch(self)
 
 
 @dataclass
@@ -119,6 +122,10 @@ def _noop(phase: str, status: str, detail: str = "") -> None:
 
 def run(model: str, options: RunOptions, progress: Progress = _noop) -> RunReport:
     options.validate()
+    if options.launcher == "torchrun":
+        from tfbackend.parity.launch import run_torchrun
+
+        return run_torchrun(model, options, progress)
     ref_dtype = options.reference_dtype or options.dtype
     phases: dict[str, float] = {}
     t = time.perf_counter()
@@ -200,7 +207,7 @@ def _resolve(model: str, options: RunOptions):
 def _check_runnable(facts, plan, options: RunOptions) -> None:
     cfg = facts.config
     world = options.tp * options.pp
-    if options.device == "cuda":
+    if options.device == "cuda" and options.launcher == "spawn":  # torchrun: per node, launch.py
         import torch
 
         have = torch.cuda.device_count() if torch.cuda.is_available() else 0
