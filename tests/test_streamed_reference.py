@@ -78,19 +78,26 @@ def test_streamed_reads_each_checkpoint_byte_once_and_holds_one_layer(models, ki
     assert stats.peak_held_bytes < 0.8 * stats.checkpoint_bytes
 
 
-def test_a_sharded_checkpoint_written_directly_streams_like_from_pretrained(tmp_path):
-    """The benchmark's fast writer (no model materialised) makes a checkpoint that loads without
-    missing keys, and the streamed reference reads its several shards once."""
+@pytest.mark.parametrize("kind", ["llama", "qwen3moe"])
+def test_a_sharded_checkpoint_written_directly_streams_like_from_pretrained(tmp_path, kind):
+    """The benchmark's fast writer (no model materialised) writes what save_pretrained writes
+    (per-expert MoE tensors), loads without missing keys, and the streamed reference reads its
+    several shards once."""
+    from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
     from tfbackend.parity.synthetic import write_random_checkpoint
 
-    config = tiny_config("llama")
-    config.tie_word_embeddings = True
+    config = tiny_config(kind)
+    config.tie_word_embeddings = kind == "llama"
     folder = write_random_checkpoint(
         config, tmp_path / "m", dtype=torch.float32, shard_bytes=60_000
     )
-    assert len(list(folder.glob("*.safetensors"))) > 2
+    files = list(folder.glob("*.safetensors"))
+    assert len(files) > 2
+    if kind == "qwen3moe":
+        keys = {k for f in files for k in safe_open(str(f), "pt").keys()}
+        assert "model.layers.0.mlp.experts.3.down_proj.weight" in keys
     _, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     prompts = _prompts(folder)
@@ -124,3 +131,15 @@ def test_auto_streams_only_when_the_weights_do_not_fit():
     assert choice.mode == "streamed" and "141.0 GiB" in choice.reason
     assert decide(10 * gib, 11 * gib, "free on cuda:0").mode == "streamed"  # headroom
     assert decide(10 * gib, None, "").mode == "streamed"
+
+
+def test_unknown_reference_or_launcher_is_a_user_error():
+    from tfbackend.errors import UserError
+    from tfbackend.parity.runner import RunOptions
+
+    with pytest.raises(UserError, match="--reference must be one of auto, memory, streamed"):
+        RunOptions(device="cpu", reference="disk").validate()
+    with pytest.raises(UserError, match="--launcher must be spawn or torchrun"):
+        RunOptions(device="cpu", launcher="slurm").validate()
+    with pytest.raises(UserError, match="native engine only"):
+        RunOptions(device="cpu", launcher="torchrun", engine="vllm").validate()
