@@ -129,8 +129,9 @@ class _Session:
         self.plan = None
         self.work = None  # this rank's workers.RankWork, once it builds
         self.phase_name = "init"
-        self.exc: BaseException | None = None
+        self.exc: BaseException | None = None  # what this rank's work raised
         self.exc_at: float | None = None
+        self.record: dict | None = None  # ... as recorded in the store
         self.thread: threading.Thread | None = None
 
     # -- the work thread ----------------------------------------------------------------------
@@ -152,7 +153,7 @@ class _Session:
                 exc, self.env.rank, self.phase_name, self.options.device,
                 work.recorder if work else None,
             )  # fmt: skip
-            self.exc, self.exc_at = exc, time.monotonic()
+            self.exc, self.exc_at, self.record = exc, time.monotonic(), record
             try:
                 n = self.store.add("errors", 1)
                 self.store.set(f"error/{n}", json.dumps(record))
@@ -179,6 +180,10 @@ class _Session:
         except BaseException:
             self.code = 2
             raise
+        finally:
+            # From here the CLI prints and the process exits through at_exit: a late SIGTERM
+            # must not cut rank 0's report (or its "done") short.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         self.code = out.exit_code
         return out
 
@@ -213,7 +218,7 @@ class _Session:
             finished = not self.thread.is_alive()
             if rank0 and finished and self.exc is None:
                 return self.report
-            records = self._errors()
+            records = self._errors() or ([self.record] if self.record else [])
             if records and first_error_seen is None:
                 first_error_seen = time.monotonic()
             now = time.monotonic()
@@ -223,6 +228,8 @@ class _Session:
                     return self._conclude((real or records)[0])
             if not rank0 and self.exc is not None and now - self.exc_at > REPORT_GRACE_S:
                 self._speak_for_self()
+            if not rank0 and records and now - first_error_seen > REPORT_GRACE_S + 5:
+                raise FollowerExit(2)  # rank 0 is gone; the rank that failed spoke for itself
             if now > self.deadline:
                 if rank0:
                     raise RunError(self._timeout_message())
@@ -257,14 +264,19 @@ class _Session:
         """Rank 0 did not report this rank's error: say it here."""
         if isinstance(self.exc, UserError):
             raise self.exc
-        raise RunError(f"rank {self.env.rank} failed during {self.phase_name}: {self.exc}")
+        raise RunError(
+            f"rank {self.env.rank} failed during {self.record['phase']}: {self.record['message']}"
+        )
 
     def _timeout_message(self) -> str:
         phases = {r: self._get(f"phase/{r}") for r in range(self.env.world)}
         stuck = ", ".join(
             f"rank {r} in {p or 'start-up'}" for r, p in sorted(phases.items()) if p != "done"
         )
-        return f"timed out after {self.options.timeout_s:.0f}s (--timeout); ranks still running: {stuck or 'none'}"
+        return (
+            f"timed out after {self.options.timeout_s:.0f}s (--timeout); "
+            f"ranks still running: {stuck or 'none'}"
+        )
 
     def _errors(self) -> list[dict]:
         count = self._get("errors")
