@@ -67,8 +67,15 @@ class StreamedWeights:
     time, and free it once it has run."""
 
     def __init__(self, model: nn.Module, model_dir: str | Path, *, dtype, device: torch.device):
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.modeling_utils import LoadStateDictConfig
+        try:  # transformers' loader internals, read in 5.19 and 5.24
+            from transformers.conversion_mapping import get_model_conversion_mapping
+            from transformers.core_model_loading import convert_and_load_state_dict_in_model  # noqa: F401
+            from transformers.modeling_utils import LoadStateDictConfig
+        except ImportError as exc:
+            raise RunError(
+                f"the streamed reference needs transformers' per-tensor loader ({exc}); "
+                "use --reference memory, or transformers 5.19-5.24"
+            ) from None
 
         from tfbackend.inspect.checkpoint import read_local
 
