@@ -6,6 +6,11 @@ forward (both taken from the run's own phase timings). Results go to benchmarks/
 markdown and JSON.
 
     python3 benchmarks/run_parity.py --tp 2 --device cuda --dtype bfloat16
+    python3 benchmarks/run_parity.py --tp 2 --launcher torchrun   # ranks started by torchrun
+    python3 benchmarks/run_parity.py --reference streamed         # reference one layer at a time
+
+Random checkpoints are written straight into safetensors (`write_random_checkpoint`: no model
+materialised), and the time it took is in the results.
 """
 
 from __future__ import annotations
@@ -57,29 +62,40 @@ def main() -> int:
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--timeout", type=int, default=540)
     ap.add_argument("--out-name", default=None, help="results file stem (default: by layout)")
+    ap.add_argument("--launcher", default="spawn", choices=("spawn", "torchrun"))
+    ap.add_argument("--reference", default="auto", choices=("auto", "memory", "streamed"))
     args = ap.parse_args()
     stem = args.out_name or f"run_parity_tp{args.tp}_pp{args.pp}_{args.device}"
+    if args.out_name is None and args.launcher != "spawn":
+        stem += f"_{args.launcher}"
+    if args.out_name is None and args.reference != "auto":
+        stem += f"_{args.reference}_reference"
 
     import torch
 
-    from tfbackend.parity.synthetic import make_random_model
+    from tfbackend.parity.synthetic import write_random_checkpoint
 
     rows = []
     for name, config in configs().items():
         if args.only and name not in args.only:
             continue
         folder = Path(args.models_dir) / name
+        write_s = None
         if not (folder / "config.json").is_file():
             t = time.perf_counter()
-            make_random_model(config, folder, seed=0, dtype=torch.bfloat16)
-            print(
-                f"{name}: wrote random weights in {time.perf_counter() - t:.1f}s", file=sys.stderr
-            )
+            write_random_checkpoint(config, folder, seed=0, dtype=torch.bfloat16)
+            write_s = time.perf_counter() - t
+            print(f"{name}: wrote random weights in {write_s:.1f}s", file=sys.stderr)
         read_s, nbytes = read_bytes_once(folder)
+        launch = [sys.executable, "-m", "tfbackend"]
+        if args.launcher == "torchrun":
+            launch = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                      "--nproc-per-node", str(args.tp * args.pp), "-m", "tfbackend"]  # fmt: skip
         cmd = [
-            sys.executable, "-m", "tfbackend", "run", str(folder), "--tp", str(args.tp),
+            *launch, "run", str(folder), "--tp", str(args.tp),
             "--pp", str(args.pp), "--device", args.device, "--dtype", args.dtype, "--json",
-            "--timeout", str(args.timeout),
+            "--timeout", str(args.timeout), "--launcher", args.launcher,
+            "--reference", args.reference,
         ]  # fmt: skip
         t = time.perf_counter()
         proc = subprocess.run(
@@ -104,10 +120,13 @@ def main() -> int:
                 "sharded_forward_s": sharded_forward},
             "ratio_to_floor": wall / floor, "ranks": rep["ranks"],
             "reference_peak_bytes": rep["reference_peak_bytes"],
+            "reference_mode": rep.get("reference_mode"),
+            "reference_peak_kind": rep.get("reference_peak_kind"), "write_s": write_s,
         })  # fmt: skip
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     meta = {"tp": args.tp, "pp": args.pp, "device": args.device, "dtype": args.dtype,
+            "launcher": args.launcher, "reference": args.reference,
             "torch": torch.__version__, "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}  # fmt: skip
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     (out / f"{stem}.md").write_text(to_markdown(meta, rows))
@@ -131,6 +150,19 @@ def to_markdown(meta, rows) -> str:
             f"{max(x['kl_max'] for x in p):.2e} | {r['wall_s']:.1f} | {r['floor_s']:.2f} | "
             f"{r['ratio_to_floor']:.1f}× |"
         )
+    lines += ["", f"launcher {meta.get('launcher', 'spawn')}, --reference {meta.get('reference', 'auto')}", "",
+              "| model | reference | reference peak GiB | checkpoint written in s |", "|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        if "error" not in r:
+            peak, write_s = r.get("reference_peak_bytes"), r.get("write_s")
+            gpu = (r.get("reference_peak_kind") or "").startswith("cuda")
+            peak_text = (
+                "—" if peak is None else f"{peak / 2**30:.2f} ({'GPU' if gpu else 'RSS growth'})"
+            )
+            write_text = "—" if write_s is None else f"{write_s:.1f}"
+            lines.append(
+                f"| {r['model']} | {r.get('reference_mode') or '—'} | {peak_text} | {write_text} |"
+            )
     lines += ["", "| model | rank | shard GiB | peak GiB | peak / shard | init s | build s | load s | forward s |",
               "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:

@@ -10,7 +10,7 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
 
 
 def tiny_config(kind: str):
-    from transformers import Gemma3TextConfig, LlamaConfig, Qwen3MoeConfig
+    from transformers import Gemma3TextConfig, GptOssConfig, LlamaConfig, Qwen3MoeConfig
 
     if kind == "llama":
         return LlamaConfig(**TINY)
@@ -23,6 +23,12 @@ def tiny_config(kind: str):
         return Qwen3MoeConfig(
             **TINY, head_dim=16, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
             norm_topk_prob=True,
+        )  # fmt: skip
+    if kind == "gptoss":  # learned sinks (eager attention), sliding layers, 3-D experts with biases
+        return GptOssConfig(
+            **{**TINY, "intermediate_size": 32}, head_dim=16, num_local_experts=4,
+            num_experts_per_tok=2, sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"],
         )  # fmt: skip
     raise ValueError(kind)
 

@@ -125,3 +125,20 @@ def test_models_whose_attention_sdpa_cannot_compute_run_eager_on_both_sides():
 
     assert attn_implementation(GptOssConfig()) == "eager"
     assert attn_implementation(LlamaConfig()) == "sdpa"
+
+
+def test_streamed_reference_gives_the_same_verdict_and_reads_the_checkpoint_once(models):
+    report = run(str(models["qwen3moe"]), _opts(tp=2, max_prompts=2, reference="streamed"))
+    assert report.verdict == "pass", report.failures
+    assert report.reference_mode == "streamed" and report.reference_peak_kind == "rss_growth"
+    total = sum(f.stat().st_size for f in Path(models["qwen3moe"]).glob("*.safetensors"))
+    assert 0.95 * total < report.reference_bytes_read <= total  # each tensor once (headers aside)
+    assert report.to_dict()["reference_peak_bytes"] > 0
+
+
+def test_bisect_against_a_streamed_reference_names_o_proj_of_layer_0(models):
+    report = run(
+        str(models["wrong"]), _opts(tp=2, bisect=True, max_prompts=1, reference="streamed")
+    )
+    assert report.verdict == "fail"
+    assert report.divergence.module == "model.layers.0.self_attn.o_proj"

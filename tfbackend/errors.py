@@ -25,3 +25,12 @@ class CheckpointError(UserError):
 
 class RunError(UserError):
     """A parity run could not complete (a rank died, hung or ran out of memory)."""
+
+
+class FollowerExit(Exception):
+    """This process is one of several ranks (torchrun) and global rank 0 reports the outcome:
+    exit with `exit_code` and print nothing."""
+
+    def __init__(self, exit_code: int):
+        super().__init__(f"exit {exit_code}")
+        self.exit_code = exit_code

@@ -8,7 +8,7 @@ import sys
 
 import typer
 
-from tfbackend.errors import UserError
+from tfbackend.errors import FollowerExit, UserError
 
 EXIT_BAD_INPUT = 2
 
@@ -21,6 +21,8 @@ def user_errors(debug: bool = False):
         if debug or os.environ.get("TFBACKEND_DEBUG"):
             raise
         typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(exc.exit_code) from None
+    except FollowerExit as exc:  # rank 0 of a torchrun job says it all, once
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)

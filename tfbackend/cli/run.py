@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import typer
@@ -47,10 +48,23 @@ def run(
     trust_remote_code: bool = typer.Option(
         False, "--trust-remote-code", help="Allow the repo's own modelling code."
     ),
+    reference: str = typer.Option(
+        "auto",
+        "--reference",
+        help="memory (from_pretrained), streamed (one layer at a time from the safetensors), or "
+        "auto: streamed when the model does not fit where the reference runs.",
+    ),
+    launcher: str = typer.Option(
+        "spawn",
+        "--launcher",
+        help="spawn (tfbackend starts one process per rank on this host) or torchrun (this "
+        "process is one rank of a torchrun job, on one host or many).",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the JSON report only."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Build the wrapped model per rank and compare its logits with plain transformers."""
+    from tfbackend.parity.launch import speaks
     from tfbackend.parity.runner import RunOptions
     from tfbackend.parity.runner import run as run_parity
     from tfbackend.report.run_console import live_progress, render_run
@@ -59,9 +73,10 @@ def run(
         tp=tp, pp=pp, device=device, dtype=dtype, reference_dtype=reference_dtype,
         prompts_file=prompts, max_prompts=max_prompts, bisect=bisect, timeout_s=timeout,
         engine=engine, offline=offline or None, trust_remote_code=trust_remote_code,
-        revision=revision, token=token,
+        revision=revision, token=token, reference=reference, launcher=launcher,
     )  # fmt: skip
-    with user_errors(debug), live_progress() as progress:
+    board = live_progress() if speaks(options) else contextlib.nullcontext(_silent)
+    with user_errors(debug), board as progress:
         report = run_parity(model, options, progress)
     if json_out:
         import json
@@ -70,3 +85,7 @@ def run(
     else:
         render_run(report)
     raise typer.Exit(report.exit_code)
+
+
+def _silent(phase: str, status: str, detail: str = "") -> None:
+    """Progress of a torchrun rank other than 0: rank 0 shows the run's."""

@@ -33,6 +33,10 @@ class Reference:
     forward_s: float
     peak_bytes: int | None
     captures: dict[str, torch.Tensor] = field(default_factory=dict)  # prompt 0, by module
+    mode: str = "memory"  # "memory" (from_pretrained) | "streamed" (parity/streamed.py)
+    peak_kind: str = "cuda_allocated"  # or "rss_growth": host RSS high-water mark - RSS before
+    bytes_read: int | None = None  # checkpoint bytes read (streamed: counted)
+    stream: object | None = None  # streamed.StreamStats
 
 
 def compute_reference(
@@ -49,29 +53,35 @@ def compute_reference(
     t0 = time.perf_counter()
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=DTYPES[dtype], attn_implementation=attn_implementation(config)
-    )
-    model = model.to(dev).eval()  # device_map would need accelerate
-    load_s = time.perf_counter() - t0
-    logits, captures = [], {}
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        for i, prompt in enumerate(prompts):
-            recorder = Recorder(model) if capture and i == 0 else None
-            ids = torch.tensor([prompt.ids], device=dev)
-            out = model(input_ids=ids, use_cache=False).logits[0]
-            logits.append(out.float().cpu())
-            if recorder:
-                recorder.remove()
-                captures = {name: t for name, t, _ in recorder.outputs}
+    from tfbackend.parity.peak import HostPeak
+
+    with HostPeak() as host:
+        config = AutoConfig.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=DTYPES[dtype], attn_implementation=attn_implementation(config)
+        )
+        model = model.to(dev).eval()  # device_map would need accelerate
+        load_s = time.perf_counter() - t0
+        logits, captures = [], {}
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            for i, prompt in enumerate(prompts):
+                recorder = Recorder(model) if capture and i == 0 else None
+                ids = torch.tensor([prompt.ids], device=dev)
+                out = model(input_ids=ids, use_cache=False).logits[0]
+                logits.append(out.float().cpu())
+                if recorder:
+                    recorder.remove()
+                    captures = {name: t for name, t, _ in recorder.outputs}
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        forward_s = time.perf_counter() - t0
     if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    forward_s = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
+        peak, kind = torch.cuda.max_memory_allocated(dev), "cuda_allocated"
+    else:
+        peak, kind = host.growth_bytes, "rss_growth"
     del model
     gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
-    return Reference(logits, load_s, forward_s, peak, captures)
+    return Reference(logits, load_s, forward_s, peak, captures, peak_kind=kind)

@@ -38,6 +38,8 @@ class RunOptions:
     trust_remote_code: bool = False
     revision: str | None = None
     token: str | None = None
+    reference: str = "auto"  # "auto" | "memory" | "streamed" (parity/reference_mode.py)
+    launcher: str = "spawn"  # "spawn" (tfbackend starts the ranks) | "torchrun" (parity/launch.py)
 
     def validate(self) -> None:
         if self.tp < 1 or self.pp < 1:
@@ -49,6 +51,11 @@ class RunOptions:
                 raise UserError(f"dtype must be float32, bfloat16 or float16, got {d!r}")
         if self.engine not in ("native", "vllm"):
             raise UserError(f"--engine must be native or vllm, got {self.engine!r}")
+        from tfbackend.parity.launch import validate_launch
+        from tfbackend.parity.reference_mode import validate_mode
+
+        validate_mode(self.reference)
+        validate_launch(self)
 
 
 @dataclass
@@ -69,6 +76,9 @@ class RunReport:
     ranks: list[RankStats] = field(default_factory=list)
     phases: dict[str, float] = field(default_factory=dict)
     reference_peak_bytes: int | None = None
+    reference_peak_kind: str = ""  # "cuda_allocated" or "rss_growth" (host RSS peak - RSS before)
+    reference_mode: str = ""  # "memory" or "streamed"
+    reference_bytes_read: int | None = None
     divergence: Divergence | None = None
     model_error: str | None = None
     notes: list[str] = field(default_factory=list)
@@ -112,6 +122,10 @@ def _noop(phase: str, status: str, detail: str = "") -> None:
 
 def run(model: str, options: RunOptions, progress: Progress = _noop) -> RunReport:
     options.validate()
+    if options.launcher == "torchrun":
+        from tfbackend.parity.launch import run_torchrun
+
+        return run_torchrun(model, options, progress)
     ref_dtype = options.reference_dtype or options.dtype
     phases: dict[str, float] = {}
     t = time.perf_counter()
@@ -131,17 +145,10 @@ def run(model: str, options: RunOptions, progress: Progress = _noop) -> RunRepor
     )
 
     t = time.perf_counter()
-    progress("reference", "running", f"plain transformers, {ref_dtype}, {len(prompts)} prompts")
-    from tfbackend.parity.reference import compute_reference
+    from tfbackend.parity.reference_mode import run_reference
 
-    reference = compute_reference(
-        local_dir, prompts, dtype=ref_dtype, device=options.device, capture=options.bisect
-    )
+    reference = run_reference(local_dir, prompts, options, report, progress)
     phases["reference"] = time.perf_counter() - t
-    report.reference_peak_bytes = reference.peak_bytes
-    progress(
-        "reference", "done", f"load {reference.load_s:.1f}s, forward {reference.forward_s:.2f}s"
-    )
     phases["reference forward"] = reference.forward_s
 
     if options.engine == "vllm":
@@ -200,7 +207,7 @@ def _resolve(model: str, options: RunOptions):
 def _check_runnable(facts, plan, options: RunOptions) -> None:
     cfg = facts.config
     world = options.tp * options.pp
-    if options.device == "cuda":
+    if options.device == "cuda" and options.launcher == "spawn":  # torchrun: per node, launch.py
         import torch
 
         have = torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -51,3 +51,110 @@ def make_random_model(config, folder: str | Path, *, seed: int = 0, dtype=torch.
     folder = Path(folder)
     model.save_pretrained(folder)
     return folder
+
+
+def write_random_checkpoint(
+    config,
+    folder: str | Path,
+    *,
+    seed: int = 0,
+    dtype=torch.bfloat16,
+    logit_scale: float = 4.0,
+    shard_bytes: int = 2 << 30,
+) -> Path:
+    """Write `config` with random weights straight into safetensors shards, without building the
+    model's weights: names and shapes come from a meta build, values from one seeded generator
+    (drawn in `dtype` directly) with the scales of `spread_init_`. `make_random_model`
+    materialises and initialises the whole model first (405 s for an 8B Llama on one H200 host).
+    For benchmarks: tied heads, norms (each variant's neutral value, from the module's own
+    `_init_weights`), biases and MoE routers follow `spread_init_`; names are those
+    `save_pretrained` writes (transformers' `revert_weight_conversion`, one decoder layer at a
+    time: per-expert tensors for an MoE, as on the hub)."""
+    import json
+
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+    from transformers.core_model_loading import revert_weight_conversion
+
+    from tfbackend.parity.streamed import decoder_layers
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = out_emb is not None and out_emb.weight is in_emb.weight
+    layers = [name for name, _ in decoder_layers(model)]
+    gen = torch.Generator().manual_seed(seed)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    sizes = [0]
+
+    def flush(group: dict[str, torch.Tensor]) -> None:
+        for name, value in revert_weight_conversion(model, group).items():
+            nbytes = value.numel() * value.element_size()
+            if sizes[-1] and sizes[-1] + nbytes > shard_bytes:
+                shards.append({})
+                sizes.append(0)
+            shards[-1][name] = value.contiguous()
+            sizes[-1] += nbytes
+
+    group: dict[str, torch.Tensor] = {}
+    group_of = None
+    for module_name, module in model.named_modules():
+        params = dict(module.named_parameters(recurse=False))
+        if not params:
+            continue
+        owner = next((p for p in layers if module_name == p or module_name.startswith(p + ".")), "")
+        if group and owner != group_of:
+            flush(group)
+            group = {}
+        group_of = owner
+        neutral = (
+            _neutral_values(model, module) if all(p.dim() == 1 for p in params.values()) else {}
+        )
+        for p_name, p in params.items():
+            name = f"{module_name}.{p_name}" if module_name else p_name
+            if p is getattr(out_emb, "weight", None) and tied and module is out_emb:
+                continue  # the tied head is the embedding table, stored once
+            group[name] = _random_value(name, p, gen, tied, logit_scale, neutral.get(p_name), dtype)
+    if group:
+        flush(group)
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for name, tensors in zip(names, shards, strict=True):
+        save_file(tensors, str(folder / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}, indent=2)
+    )
+    config.save_pretrained(folder)
+    return folder
+
+
+def _neutral_values(model, module) -> dict[str, torch.Tensor]:
+    """The values a norm-like module (1-D parameters only) is initialised to: 1 for x̂·w, 0 for
+    Gemma's x̂·(1+w). Small, so materialising a copy of the module is cheap."""
+    import copy
+
+    clone = copy.deepcopy(module).to_empty(device="cpu")
+    with torch.no_grad():
+        model._init_weights(clone)
+    return {n: p.detach().float() for n, p in clone.named_parameters(recurse=False)}
+
+
+def _random_value(name, p, gen, tied, logit_scale, neutral, dtype) -> torch.Tensor:
+    def normal(std: float) -> torch.Tensor:
+        return torch.empty(p.shape, dtype=dtype).normal_(0.0, std, generator=gen)
+
+    if p.dim() == 1:
+        if "bias" in name:
+            return torch.zeros(p.shape, dtype=dtype)
+        base = neutral if neutral is not None else torch.zeros(p.shape)
+        return (base + torch.randn(p.shape, generator=gen) * 0.1).to(dtype)
+    if "embed" in name:
+        return normal(logit_scale / math.sqrt(p.shape[-1]) if tied else 1.0)
+    if name.startswith("lm_head"):
+        return normal(logit_scale / math.sqrt(p.shape[-1]))
+    if p.dim() == 2 and name.endswith("gate.weight"):
+        return normal(3.0 / math.sqrt(p.shape[-1]))
+    return normal(1.0 / math.sqrt(p.shape[-1]))

@@ -69,26 +69,13 @@ def rank_main(local: int, job: RankJob, queue) -> None:
     """Entry point of a spawned rank (`local` is its global rank)."""
     _die_with_parent()
     rank, world = local, job.tp * job.pp
-    stage, tp_rank = divmod(rank, job.tp)
-    stats = RankStats(rank=rank, stage=stage, tp_rank=tp_rank)
+    device = torch.device("cuda", rank) if job.device == "cuda" else torch.device("cpu")
+    work = RankWork(job, rank, device, on_phase=lambda name: queue.put((rank, name)))
     out = Path(job.out_dir)
-    phase = "init"
-
-    def enter(name: str) -> float:
-        nonlocal phase
-        phase = name
-        queue.put((rank, name))
-        return time.perf_counter()
-
-    recorder = None
     try:
-        t = enter("init")
+        t = work.enter("init")
         if job.device == "cuda":
             torch.cuda.set_device(rank)
-            # Memory stats need a live context ("Invalid device argument : did you call init?").
-            torch.empty(0, device=f"cuda:{rank}")
-            torch.cuda.reset_peak_memory_stats()
-        device = torch.device("cuda", rank) if job.device == "cuda" else torch.device("cpu")
         dist.init_process_group(
             "nccl" if job.device == "cuda" else "gloo",
             init_method=f"tcp://127.0.0.1:{job.port}",
@@ -97,38 +84,74 @@ def rank_main(local: int, job: RankJob, queue) -> None:
             timeout=timedelta(seconds=max(30, job.timeout_s)),
             **({"device_id": device} if job.device == "cuda" else {}),
         )
-        groups = [dist.new_group(list(range(s * job.tp, (s + 1) * job.tp))) for s in range(job.pp)]
-        from tfbackend.replace.layers import ParallelContext
-
-        ctx = ParallelContext(rank=tp_rank, world=job.tp, group=groups[stage])
-        stats.phases["init"] = time.perf_counter() - t
-
-        t = enter("build")
-        model, applied = _build(job, ctx, stage)
-        stats.phases["build"] = time.perf_counter() - t
-
-        t = enter("load")
-        _materialise(model, job, device, stats)
-        stats.phases["load"] = time.perf_counter() - t
-
-        t = enter("forward")
-        from tfbackend.parity.bisect import Recorder
-
-        recorder = Recorder(model, record=job.bisect)
-        logits = _forward_all(model, job, stage, tp_rank, device, recorder)
-        stats.phases["forward"] = time.perf_counter() - t
-        if stage == job.pp - 1 and tp_rank == 0:
+        logits = work.run(t)
+        if logits is not None:
             torch.save(logits, out / "logits.pt")
-        if job.bisect and tp_rank == 0:
-            torch.save(recorder.outputs, out / f"capture{stage}.pt")
-        stats.peak_bytes, stats.peak_kind = _peak(job.device)
-        (out / f"rank{rank}.json").write_text(json.dumps(asdict(stats)))
+        if job.bisect and work.tp_rank == 0:
+            torch.save(work.recorder.outputs, out / f"capture{work.stage}.pt")
+        (out / f"rank{rank}.json").write_text(json.dumps(asdict(work.stats)))
         queue.put((rank, "done"))
         dist.barrier()
         dist.destroy_process_group()
     except BaseException as exc:  # noqa: BLE001 - recorded for the parent, then re-raised
-        _record_error(exc, rank, phase, job, out, recorder)
+        _record_error(exc, rank, work.phase, job, out, work.recorder)
         raise
+
+
+class RankWork:
+    """The work of one rank once its process group is up: build the wrapped model, load this
+    rank's slices, run the prompts. The same for a rank tfbackend spawned (`rank_main`) and one
+    torchrun started (`parity/launch.py`); `phase` and `recorder` say where it was if it raised."""
+
+    def __init__(self, job: RankJob, rank: int, device: torch.device, on_phase=None):
+        self.job, self.rank, self.device = job, rank, device
+        self.stage, self.tp_rank = divmod(rank, job.tp)
+        self.stats = RankStats(rank=rank, stage=self.stage, tp_rank=self.tp_rank)
+        self.phase = "init"
+        self.recorder = None
+        self.ctx = None
+        self._on_phase = on_phase or (lambda name: None)
+
+    def enter(self, name: str) -> float:
+        self.phase = name
+        self._on_phase(name)
+        return time.perf_counter()
+
+    def connect(self, init_started: float) -> None:
+        """This rank's TP group (`new_group` is collective: every rank calls it, in order)."""
+        job = self.job
+        if job.device == "cuda":
+            # Memory stats need a live context ("Invalid device argument : did you call init?").
+            torch.empty(0, device=self.device)
+            torch.cuda.reset_peak_memory_stats()
+        groups = [dist.new_group(list(range(s * job.tp, (s + 1) * job.tp))) for s in range(job.pp)]
+        from tfbackend.replace.layers import ParallelContext
+
+        self.ctx = ParallelContext(rank=self.tp_rank, world=job.tp, group=groups[self.stage])
+        self.stats.phases["init"] = time.perf_counter() - init_started
+
+    def run(self, init_started: float | None = None) -> list | None:
+        """The logits of every prompt on the last stage's first TP rank, None elsewhere."""
+        job, stats = self.job, self.stats
+        if self.ctx is None:
+            self.connect(init_started)
+
+        t = self.enter("build")
+        model, applied = _build(job, self.ctx, self.stage)
+        stats.phases["build"] = time.perf_counter() - t
+
+        t = self.enter("load")
+        _materialise(model, job, self.device, stats)
+        stats.phases["load"] = time.perf_counter() - t
+
+        t = self.enter("forward")
+        from tfbackend.parity.bisect import Recorder
+
+        self.recorder = Recorder(model, record=job.bisect)
+        logits = _forward_all(model, job, self.stage, self.tp_rank, self.device, self.recorder)
+        stats.phases["forward"] = time.perf_counter() - t
+        stats.peak_bytes, stats.peak_kind = _peak(job.device)
+        return logits if self.stage == job.pp - 1 and self.tp_rank == 0 else None
 
 
 def _build(job: RankJob, ctx, stage: int):
@@ -212,13 +235,26 @@ def _peak(device: str) -> tuple[int, str]:
 
 
 def _record_error(exc, rank, phase, job, out: Path, recorder) -> None:
+    record = error_record(exc, rank, phase, job.device, recorder)
+    try:
+        (out / f"rank{rank}.error.json").write_text(json.dumps(record))
+        if job.bisect and recorder is not None and rank % job.tp == 0:
+            torch.save(recorder.outputs, out / f"capture{rank // job.tp}.pt")
+    except OSError:
+        pass
+
+
+def error_record(exc, rank: int, phase: str, device: str, recorder) -> dict:
+    """What a rank raised, classified: `model` (the wrapped model raised in forward), `oom`,
+    `collective` (a connection failure, usually caused by another rank), `interrupted` or
+    `error`."""
     kind = "error"
     message = (
         f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
     )
     if isinstance(exc, KeyboardInterrupt):
         kind, message = "interrupted", "interrupted"
-    elif isinstance(exc, torch.OutOfMemoryError) and job.device == "cuda":
+    elif isinstance(exc, torch.OutOfMemoryError) and device == "cuda":
         kind = "oom"
         free, total = torch.cuda.mem_get_info()
         message = (
@@ -232,7 +268,7 @@ def _record_error(exc, rank, phase, job, out: Path, recorder) -> None:
         message = str(exc)
     elif isinstance(exc, dist.DistBackendError | RuntimeError) and _looks_collective(exc):
         kind = "collective"
-    record = {
+    return {
         "rank": rank,
         "phase": phase,
         "kind": kind,
@@ -241,12 +277,6 @@ def _record_error(exc, rank, phase, job, out: Path, recorder) -> None:
         "time": time.time(),
         "traceback": traceback.format_exc(),
     }
-    try:
-        (out / f"rank{rank}.error.json").write_text(json.dumps(record))
-        if job.bisect and recorder is not None and rank % job.tp == 0:
-            torch.save(recorder.outputs, out / f"capture{rank // job.tp}.pt")
-    except OSError:
-        pass
 
 
 def _looks_collective(exc: BaseException) -> bool:

@@ -115,6 +115,12 @@ def render_run(report: RunReport, console: Console | None = None) -> None:
                 *(f"{r.phases.get(p, 0):.2f}s" for p in ("init", "build", "load", "forward")),
             )  # fmt: skip
         console.print(table)
+    if report.reference_mode:
+        peak = "GPU" if report.reference_peak_kind.startswith("cuda") else "RSS growth"
+        read = f", read {_gib(report.reference_bytes_read)}" if report.reference_bytes_read else ""
+        console.print(
+            f"reference: {report.reference_mode}, peak {_gib(report.reference_peak_bytes)} ({peak}){read}"
+        )
     console.print("times: " + ", ".join(f"{k} {v:.2f}s" for k, v in report.phases.items()))
     if report.model_error:
         console.print(f"[red]the wrapped model raised:[/] {report.model_error}")
