@@ -104,6 +104,10 @@ def _refuse_overwriting_inputs(manifest, baseline, junit, markdown, json_file) -
         for m, p in local
         if p.exists()
     ]
+    if len(local) < len(manifest.models):  # hub ids: their files live in the hub cache
+        from huggingface_hub import constants
+
+        folders.append(("the hub cache", constants.HF_HUB_CACHE))
     check_outputs(
         {"--junit": junit, "--markdown": markdown, "--json": json_file},
         files=files,
