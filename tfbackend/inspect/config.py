@@ -75,6 +75,7 @@ def load_config(source: SourceInfo, *, trust_remote_code: bool = False) -> Loade
 
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
     model_type = raw.get("model_type")
     auto_map = raw.get("auto_map") or {}
     source.has_custom_code = bool(auto_map)
