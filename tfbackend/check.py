@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tfbackend.errors import UserError
+from tfbackend.errors import CheckpointError, UserError
 from tfbackend.inspect.facts import ModelFacts
 
 
@@ -28,14 +28,14 @@ class CheckOptions:
     vllm_timeout: float = 300.0
 
     def validate(self) -> None:
-        if self.tp < 1:
-            raise UserError(f"--tp must be 1 or more, got {self.tp}")
-        if self.pp < 1:
-            raise UserError(f"--pp must be 1 or more, got {self.pp}")
-        if self.max_model_len is not None and self.max_model_len < 1:
-            raise UserError(f"--max-model-len must be 1 or more, got {self.max_model_len}")
-        if self.gpu_memory <= 0:
-            raise UserError(f"--gpu-memory must be a positive number of GiB, got {self.gpu_memory}")
+        from tfbackend.limits import check_at_least_one, check_parallel, check_positive
+        from tfbackend.rules.registry import check_rule_ids
+
+        check_parallel(self.tp, self.pp)
+        check_at_least_one("--max-model-len", self.max_model_len)
+        check_positive("--gpu-memory", self.gpu_memory, " of GiB")
+        check_rule_ids("--select", self.select)
+        check_rule_ids("--ignore", self.ignore)
         if self.dtype is not None:
             from tfbackend.memory import DTYPE_BYTES, normalise_dtype
 
@@ -115,7 +115,12 @@ def _weights_and_memory(facts: ModelFacts, plan, options: CheckOptions) -> dict:
     out: dict = {}
     dtype = served_dtype(options.dtype, facts.config.dtype)
     if not options.no_checkpoint:
-        headers = read_headers(facts.source, token=options.token, offline=options.offline)
+        try:
+            headers = read_headers(facts.source, token=options.token, offline=options.offline)
+        except CheckpointError as exc:
+            raise CheckpointError(
+                f"{exc} (or pass --no-checkpoint to skip the checkpoint check)"
+            ) from exc
         out["checkpoint"] = compare_checkpoint(headers, facts, served_dtype=dtype)
     out["memory"] = estimate_memory(
         facts,

@@ -34,3 +34,11 @@ class FollowerExit(Exception):
     def __init__(self, exit_code: int):
         super().__init__(f"exit {exit_code}")
         self.exit_code = exit_code
+
+
+class Terminated(BaseException):
+    """SIGTERM, turned into an exception so that `finally` blocks clean up (ranks stopped, the
+    run's temporary folder removed) before the process exits with 128 + SIGTERM. A
+    BaseException, like KeyboardInterrupt, so no `except Exception` swallows it."""
+
+    exit_code = 143

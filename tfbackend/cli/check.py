@@ -78,7 +78,8 @@ def check(
     from tfbackend.check import CheckOptions
     from tfbackend.check import check as run_check
 
-    with user_errors(debug):
+    with user_errors(debug, subject=f"checking {model}"):
+        _refuse_overwriting_inputs(model, json_file, junit, markdown)
         report = run_check(
             model,
             CheckOptions(
@@ -109,6 +110,27 @@ def check(
 
         render_check(report, make_console())
     raise typer.Exit(report.exit_code)
+
+
+def _refuse_overwriting_inputs(model: str, json_file, junit, markdown) -> None:
+    """A report file may not land in the model's folder (its config, weights, tokenizer)."""
+    from pathlib import Path
+
+    from tfbackend.report.files import check_outputs
+
+    outputs = {"--json-file": json_file, "--junit": junit, "--markdown": markdown}
+    if not any(outputs.values()):
+        return
+    path = Path(model).expanduser()
+    if path.exists():
+        folder = path if path.is_dir() else path.parent
+        check_outputs(
+            outputs, files=[("the model's config", path)], folders=[("the model's folder", folder)]
+        )
+    else:  # a hub id: its files live in the hub cache
+        from huggingface_hub import constants
+
+        check_outputs(outputs, folders=[("the hub cache", constants.HF_HUB_CACHE)])
 
 
 def _write_files(report, model: str, json_file, junit, markdown) -> None:

@@ -39,6 +39,12 @@ def gate(
     offline: bool = typer.Option(
         False, "--offline", help="Use the local hub cache only (as HF_HUB_OFFLINE=1)."
     ),
+    trust_remote_code: bool = typer.Option(
+        False,
+        "--trust-remote-code",
+        help="Allow every model's own code (a model's `trust_remote_code = true` allows only its "
+        "own).",
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
@@ -47,12 +53,16 @@ def gate(
     from tfbackend.gate.manifest import load_manifest, select_models
     from tfbackend.gate.runner import GateOptions, run_gate
 
-    with user_errors(debug):
+    with user_errors(debug, subject=f"gating {manifest}"):
+        from tfbackend.limits import check_non_negative
+
         if device not in ("auto", "cuda", "cpu"):
             from tfbackend.errors import UserError
 
             raise UserError(f"--device must be auto, cuda or cpu, got {device!r}")
+        check_non_negative("--tolerance", tolerance, " (a relative change, e.g. 0.25)")
         loaded = load_manifest(manifest)
+        _refuse_overwriting_inputs(loaded, baseline, junit, markdown, json_file)
         if only:
             loaded = select_models(
                 loaded, [n.strip() for v in only for n in v.split(",") if n.strip()]
@@ -62,8 +72,13 @@ def gate(
         report = run_gate(
             loaded,
             GateOptions(
-                run=run, device=device, token=token, offline=offline or None, progress=progress
-            ),
+                run=run,
+                device=device,
+                token=token,
+                offline=offline or None,
+                progress=progress,
+                trust_remote_code=trust_remote_code,
+            ),  # fmt: skip
         )
         if previous:
             apply_baseline(report, previous, rel_tol=tolerance)
@@ -74,6 +89,30 @@ def gate(
 
     render_gate(report, make_console())
     raise typer.Exit(report.exit_code)
+
+
+def _refuse_overwriting_inputs(manifest, baseline, junit, markdown, json_file) -> None:
+    """No report over the manifest, the baseline, or into a local model's folder."""
+    from pathlib import Path
+
+    from tfbackend.report.files import check_outputs
+
+    files = [("the manifest", manifest.path)] + ([("the baseline", baseline)] if baseline else [])
+    local = [(m, Path(m.source)) for m in manifest.models if Path(m.source).is_absolute()]
+    folders = [
+        (f"the folder of model {m.name!r}", p if p.is_dir() else p.parent)
+        for m, p in local
+        if p.exists()
+    ]
+    if len(local) < len(manifest.models):  # hub ids: their files live in the hub cache
+        from huggingface_hub import constants
+
+        folders.append(("the hub cache", constants.HF_HUB_CACHE))
+    check_outputs(
+        {"--junit": junit, "--markdown": markdown, "--json": json_file},
+        files=files,
+        folders=folders,
+    )
 
 
 def _write_files(report, junit: str | None, markdown: str | None, json_file: str | None) -> None:

@@ -76,7 +76,7 @@ def run(
         revision=revision, token=token, reference=reference, launcher=launcher,
     )  # fmt: skip
     board = live_progress() if speaks(options) else contextlib.nullcontext(_silent)
-    with user_errors(debug), board as progress:
+    with user_errors(debug, subject=f"running {model}"), board as progress:
         report = run_parity(model, options, progress)
     if json_out:
         import json

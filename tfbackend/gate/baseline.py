@@ -58,14 +58,14 @@ class Baseline:
 
 
 def load_baseline(path: str | Path) -> Baseline:
+    from tfbackend.userfiles import read_text
+
     p = Path(path)
+    if not p.exists():
+        raise BaselineError(f"no such baseline: {p} (write one with `tfbackend gate ... --json`)")
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BaselineError(
-            f"no such baseline: {p} (write one with `tfbackend gate ... --json`)"
-        ) from None
-    except (OSError, ValueError) as exc:
+        data = json.loads(read_text(p, "baseline", error=BaselineError))
+    except (ValueError, RecursionError) as exc:
         raise BaselineError(f"cannot read baseline {p}: {exc}") from None
     if not isinstance(data, dict) or data.get("kind") != "gate" or "models" not in data:
         raise BaselineError(f"{p} is not a gate report: write one with `tfbackend gate ... --json`")

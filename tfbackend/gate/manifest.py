@@ -14,6 +14,7 @@
     expected = "pass"                   # pass | pass-with-warnings | fail
     vllm_version = "0.32"               # profile to check against (default: installed, else newest)
     strict = false                      # warnings fail the model too
+    trust_remote_code = false           # allow this model's own code (auto_map); default false
 
 Every error names the file, the line where one can be found, the model entry and the key, and exits 2.
 """
@@ -28,7 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from tfbackend.errors import UserError
+from tfbackend.limits import MAX_WORLD_SIZE
 from tfbackend.report.findings import Verdict
+from tfbackend.rules.registry import unknown_rule_ids
 
 
 class ManifestError(UserError):
@@ -42,7 +45,9 @@ EXPECTED = {
 }
 LABEL = {v: k for k, v in EXPECTED.items()}
 TOP_KEYS = frozenset({"models", "defaults"})
-DEFAULT_KEYS = frozenset({"tp", "pp", "ignore", "expected", "vllm_version", "strict"})
+DEFAULT_KEYS = frozenset(
+    {"tp", "pp", "ignore", "expected", "vllm_version", "strict", "trust_remote_code"}
+)
 MODEL_KEYS = DEFAULT_KEYS | {"id", "revision", "run", "gpus"}
 _RULE_ID = re.compile(r"^TFB\d{0,3}$", re.IGNORECASE)
 
@@ -60,6 +65,7 @@ class ModelEntry:
     ignore: tuple[str, ...] = ()
     vllm_version: str | None = None
     strict: bool = False
+    trust_remote_code: bool = False  # the repo's own code may run (as --trust-remote-code)
     index: int = 0  # position among [[models]], from 1
 
     @property
@@ -89,13 +95,12 @@ class Manifest:
 
 
 def load_manifest(path: str | Path) -> Manifest:
+    from tfbackend.userfiles import read_text
+
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ManifestError(f"no such manifest: {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"cannot read manifest {path}: {exc}") from None
+    if not path.exists():
+        raise ManifestError(f"no such manifest: {path}")
+    text = read_text(path, "manifest", error=ManifestError)
     suffix = path.suffix.lower()
     if suffix == ".toml":
         data, locate = _parse_toml(path, text)
@@ -283,6 +288,12 @@ class _Validator:
             err("revision", "must be a branch, tag or commit string")
         tp = _sizes("tp", merged.get("tp", 1), err)
         pp = _sizes("pp", merged.get("pp", 1), err)
+        if max(tp) * max(pp) > MAX_WORLD_SIZE:
+            err(
+                "pp" if "pp" in raw else "tp",
+                f"tp {max(tp)} × pp {max(pp)} is more than {MAX_WORLD_SIZE} ranks "
+                "(tfbackend's bound on the world size)",
+            )
         run = merged.get("run", False)
         if not isinstance(run, bool):
             err("run", f"must be true or false, got {run!r}")
@@ -300,12 +311,18 @@ class _Validator:
             isinstance(r, str) and _RULE_ID.match(r.strip()) for r in ignore
         ):
             err("ignore", f"must be a list of rule ids or prefixes like 'TFB205', got {ignore!r}")
+        unknown = unknown_rule_ids(ignore)
+        if unknown:
+            err("ignore", f"{unknown[0]!r} names no rule (see `tfbackend rules`)")
         vllm_version = merged.get("vllm_version")
         if vllm_version is not None and not isinstance(vllm_version, str):
             err("vllm_version", f"must be a string such as '0.32', got {vllm_version!r}")
         strict = merged.get("strict", False)
         if not isinstance(strict, bool):
             err("strict", f"must be true or false, got {strict!r}")
+        trust = merged.get("trust_remote_code", False)
+        if not isinstance(trust, bool):
+            err("trust_remote_code", f"must be true or false, got {trust!r}")
         return ModelEntry(
             id=id_,
             source=_source(id_, self.path.parent),
@@ -318,6 +335,7 @@ class _Validator:
             ignore=tuple(r.strip().upper() for r in ignore),
             vllm_version=vllm_version,
             strict=strict,
+            trust_remote_code=trust,
             index=i + 1,
         )
 
@@ -330,6 +348,11 @@ def _sizes(key: str, value: Any, err) -> tuple[int, ...]:
     values = value if isinstance(value, list) else [value]
     if not values or not all(_positive_int(v) for v in values):
         err(key, f"must be a positive integer or a list of them, got {value!r}")
+    if max(values) > MAX_WORLD_SIZE:
+        err(
+            key,
+            f"{max(values)} is more than {MAX_WORLD_SIZE} (tfbackend's bound on the world size)",
+        )
     return tuple(dict.fromkeys(values))  # keep order, drop repeats
 
 

@@ -37,6 +37,7 @@ class GateOptions:
     token: str | None = None
     offline: bool | None = None
     progress: bool = True  # a progress bar on stderr
+    trust_remote_code: bool = False  # every model's own code may run; else per manifest entry
 
 
 def run_gate(manifest: Manifest, options: GateOptions | None = None) -> GateReport:
@@ -69,6 +70,11 @@ def run_gate(manifest: Manifest, options: GateOptions | None = None) -> GateRepo
     )
 
 
+def _trusted(m: ModelEntry, options: GateOptions) -> bool:
+    """The repo's code runs only with consent: `--trust-remote-code`, or the model's own key."""
+    return options.trust_remote_code or m.trust_remote_code
+
+
 def _check(m: ModelEntry, tp: int, pp: int, options: GateOptions) -> CheckOutcome:
     from tfbackend.check import CheckOptions, check
 
@@ -85,6 +91,7 @@ def _check(m: ModelEntry, tp: int, pp: int, options: GateOptions) -> CheckOutcom
                 vllm_version=m.vllm_version,
                 ignore=list(m.ignore),
                 strict=m.strict,
+                trust_remote_code=_trusted(m, options),
             ),
         )
     except UserError as exc:
@@ -108,7 +115,8 @@ def _check(m: ModelEntry, tp: int, pp: int, options: GateOptions) -> CheckOutcom
 def parity_engine() -> Callable[..., Any] | None:
     """`tfbackend.parity.run_parity`, or None when the engine is not installed in this build.
 
-    Contract assumed: `run_parity(model, *, tp, pp, revision, token, device)` returns an object
+    Contract assumed: `run_parity(model, *, tp, pp, revision, token, device, trust_remote_code)`
+    returns an object
     with `verdict` (a Verdict, its value, or `passed: bool`) and `to_dict()` holding `metrics`.
     """
     try:
@@ -134,8 +142,9 @@ def _run(
     t0 = time.perf_counter()
     try:
         result = engine(
-            m.source, tp=tp, pp=pp, revision=m.revision, token=options.token, device=device
-        )
+            m.source, tp=tp, pp=pp, revision=m.revision, token=options.token, device=device,
+            trust_remote_code=_trusted(m, options),
+        )  # fmt: skip
     except UserError as exc:
         return RunOutcome(tp, pp, RUN_ERROR, str(exc), seconds=time.perf_counter() - t0)
     except Exception as exc:  # noqa: BLE001 - a crashed run is reported, the gate goes on

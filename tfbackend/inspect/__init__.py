@@ -44,6 +44,7 @@ def facts_from_config(config, source: SourceInfo, *, trust_remote_code: bool = F
             text if text is not config else config,
             trust_remote_code=trust_remote_code,
             causal_lm_class=causal_lm_class_name(config),
+            origin=source.config_path or None,
         )
         return model, text
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 from dataclasses import dataclass, field
 from math import prod
@@ -24,12 +25,16 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 # A header is JSON describing tensors; anything near this size is not a header but damage.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
-# safetensors dtype → bytes per element
-DTYPE_BYTES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8,
-    "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
-    "F4": 1, "F6_E2M3": 1, "F6_E3M2": 1, "E8M0": 1,
+# Every dtype the safetensors library reads, with its size in bits: its `Dtype` enum, as the
+# library's own error lists it ("unknown variant `X`, expected one of `BOOL`, `F4`, …",
+# safetensors 0.8.0). A header with any other dtype is refused by the library, so by vLLM's loader.
+DTYPE_BITS = {
+    "BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8,
+    "F8_E4M3": 8, "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16,
+    "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64, "I64": 64,
+    "U64": 64,
 }  # fmt: skip
+
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
 
 # Where the headers came from.
@@ -48,7 +53,7 @@ class TensorHeader:
 
     @property
     def nbytes(self) -> int:
-        return prod(self.shape) * DTYPE_BYTES.get(self.dtype, 1)
+        return prod(self.shape) * DTYPE_BITS.get(self.dtype, 8) // 8
 
 
 @dataclass
@@ -92,21 +97,31 @@ class CheckpointHeaders:
 def read_file_header(path: str | Path) -> dict[str, TensorHeader]:
     """The tensors of one safetensors file, from its header only.
 
-    Raises CheckpointError when the header is truncated, not JSON, or points past the file end.
+    Raises CheckpointError when the file is not a regular file, or its header is truncated, not
+    JSON, names a dtype the safetensors library does not know, or points past the file end.
     """
     path = Path(path)
-    size = path.stat().st_size
-    with path.open("rb") as f:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise _damaged(path, f"cannot be opened ({exc.strerror})") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            from tfbackend.userfiles import not_regular
+
+            raise not_regular(path, "checkpoint file", CheckpointError)
+        size = st.st_size
         head = f.read(8)
         if len(head) < 8:
             raise _damaged(path, "shorter than the 8-byte header length")
         (n,) = struct.unpack("<Q", head)
         if n > MAX_HEADER_BYTES or 8 + n > size:
-            raise _damaged(path, f"header claims {n:,} bytes but the file has {size:,}")
+            raise _damaged(path, f"header claims {n:,} bytes but the file has {size:,} (truncated)")
         raw = f.read(n)
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise _damaged(path, f"header is not valid JSON ({exc.__class__.__name__})") from None
     if not isinstance(header, dict):
         raise _damaged(path, "header is not a JSON object")
@@ -120,16 +135,49 @@ def read_file_header(path: str | Path) -> dict[str, TensorHeader]:
             begin, end = (int(x) for x in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise _damaged(path, f"entry {name!r} lacks dtype/shape/data_offsets") from None
+        if dtype not in DTYPE_BITS:
+            raise _damaged(
+                path, f"tensor {name!r} has dtype {dtype!r}, which the safetensors library refuses"
+            )
         if end > data_bytes or begin > end:
             raise _damaged(path, f"tensor {name!r} ends past the end of the file (truncated)")
+        bits = prod(shape) * DTYPE_BITS[dtype]
+        if any(d < 0 for d in shape) or bits % 8 or bits // 8 != end - begin:
+            raise _damaged(
+                path,
+                f"tensor {name!r} ({dtype} {shape}) needs {bits / 8:,.1f} bytes but its "
+                f"data_offsets span {end - begin:,}",
+            )
         tensors[name] = TensorHeader(name=name, dtype=dtype, shape=shape, file=path.name)
     return tensors
 
 
+def read_index(path: str | Path) -> dict[str, str]:
+    """The weight_map of a safetensors index: tensor name → shard file in the same folder."""
+    from tfbackend.userfiles import read_text
+
+    path = Path(path)
+    text = read_text(path, "safetensors index", error=CheckpointError)
+    try:
+        weight_map = json.loads(text)["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError, RecursionError):
+        raise CheckpointError(
+            f"{path} is not a valid safetensors index (no weight_map): re-download it"
+        ) from None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and v and Path(v).name == v
+        for k, v in weight_map.items()
+    ):
+        raise CheckpointError(
+            f"{path} is not a valid safetensors index: its weight_map must map tensor names to "
+            "shard file names in the same folder; re-download it"
+        )
+    return weight_map
+
+
 def _damaged(path: Path, what: str) -> CheckpointError:
     return CheckpointError(
-        f"{path} is not a readable safetensors file: {what}; re-download or re-save it "
-        "(or pass --no-checkpoint to skip the checkpoint check)"
+        f"{path} is not a readable safetensors file: {what}; re-download or re-save it"
     )
 
 
@@ -138,14 +186,8 @@ def read_local(folder: str | Path) -> CheckpointHeaders:
     folder = Path(folder)
     out = CheckpointHeaders(location=str(folder), origin="local", format=FORMAT_NONE)
     index = folder / INDEX_NAME
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise CheckpointError(
-                f"{index} is not a valid safetensors index (no weight_map): re-download it"
-            ) from None
-        files = sorted(set(weight_map.values()))
+    if index.exists():
+        files = sorted(set(read_index(index).values()))
         out.sharded = True
     else:
         files = sorted(p.name for p in folder.glob("*.safetensors"))
@@ -154,7 +196,7 @@ def read_local(folder: str | Path) -> CheckpointHeaders:
         out.files = files
         for name in files:
             path = folder / name
-            if not path.is_file():
+            if not path.exists():
                 raise CheckpointError(
                     f"{index} lists {name}, which is missing from {folder}: download every shard"
                 )
@@ -197,6 +239,11 @@ def read_hub(
     out.files = sorted(meta.files_metadata)
     for fname, fmeta in meta.files_metadata.items():
         for name, info in fmeta.tensors.items():
+            if info.dtype not in DTYPE_BITS:
+                raise CheckpointError(
+                    f"{repo_id}/{fname} is not a readable safetensors file: tensor {name!r} has "
+                    f"dtype {info.dtype!r}, which the safetensors library refuses"
+                )
             out.tensors[name] = TensorHeader(name, info.dtype, list(info.shape), fname)
     return out
 

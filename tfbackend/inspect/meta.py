@@ -52,14 +52,18 @@ def _named_class(name: str | None):
 
 
 def build_on_meta(
-    config: Any, *, trust_remote_code: bool = False, causal_lm_class: str | None = None
+    config: Any,
+    *,
+    trust_remote_code: bool = False,
+    causal_lm_class: str | None = None,
+    origin: str | None = None,
 ) -> Any:
     """`AutoModel.from_config` on meta, the base model the backend wraps.
 
     A config with no base-model mapping falls back to the causal-LM class's base model: first
     through the auto mapping, then by the class the outer (e.g. multimodal) config names. The
     model then carries `_tfbackend_auto_model_error`: why AutoModel itself failed (vLLM calls
-    nothing else), or None.
+    nothing else), or None. `origin` (the config file) is named in the error.
     """
     import torch
     from transformers import AutoModel, AutoModelForCausalLM
@@ -84,9 +88,10 @@ def build_on_meta(
             return model
     exc = errors[0]
     msg = _first_line(exc)
+    where = origin or "its config"
     raise ConfigError(
-        f"transformers could not build {getattr(config, 'model_type', '?')!r} from its config "
-        f"on the meta device: {msg}"
+        f"transformers could not build {getattr(config, 'model_type', '?')!r} from {where} "
+        f"on the meta device: {type(exc).__name__}: {msg}"
     ) from exc
 
 

@@ -48,7 +48,7 @@ def resolve(
 def _resolve_local(model: str, path: Path) -> SourceInfo:
     if path.is_dir():
         config = path / CONFIG_NAME
-        if not config.is_file():
+        if not config.exists():
             raise SourceError(f"{path} has no {CONFIG_NAME}: point at the model's folder")
         local_dir = path
     else:

@@ -12,6 +12,7 @@ def run_parity(
     token: str | None = None,
     device: str = "cuda",
     dtype: str | None = None,
+    trust_remote_code: bool = False,
 ):
     """One parity run with default options: the entry point the onboarding gate calls.
 
@@ -23,5 +24,13 @@ def run_parity(
     dtype = dtype or ("float32" if device == "cpu" else "bfloat16")
     return run(
         model,
-        RunOptions(tp=tp, pp=pp, device=device, dtype=dtype, revision=revision, token=token),
+        RunOptions(
+            tp=tp,
+            pp=pp,
+            device=device,
+            dtype=dtype,
+            revision=revision,
+            token=token,
+            trust_remote_code=trust_remote_code,
+        ),  # fmt: skip
     )

@@ -360,13 +360,15 @@ def _rank_flow(session: _Session, model: str, pg_store, timeout, progress):
     session.plan = plan
     phases["resolve"] = time.perf_counter() - t
     progress("resolve", "done", f"{facts.causal_lm_class}, {len(plan.entries)} plan entries")
-    prompts, prompt_source = build_prompts(
-        local_dir, config, prompts_file=options.prompts_file, limit=options.max_prompts
-    )
+    prompts, prompt_source, prompt_notes = build_prompts(
+        local_dir, config, prompts_file=options.prompts_file, limit=options.max_prompts,
+        trust_remote_code=options.trust_remote_code,
+    )  # fmt: skip
     job = RankJob(
         model_dir=local_dir, plan=plan, tp=options.tp, pp=options.pp, device=options.device,
         dtype=options.dtype, prompts=[p.ids for p in prompts], port=0, out_dir="",
         timeout_s=options.timeout_s, bisect=options.bisect,
+        trust_remote_code=options.trust_remote_code,
     )  # fmt: skip
     work = session.work = RankWork(job, env.rank, device, on_phase=session.phase)
     # Groups first (a collective), so the other ranks build and load while rank 0 computes the
@@ -378,7 +380,7 @@ def _rank_flow(session: _Session, model: str, pg_store, timeout, progress):
         report = RunReport(
             model=model, engine=options.engine, tp=options.tp, pp=options.pp,
             device=options.device, dtype=options.dtype, reference_dtype=ref_dtype,
-            profile=plan.profile, phases=phases, prompt_source=prompt_source,
+            profile=plan.profile, phases=phases, prompt_source=prompt_source, notes=prompt_notes,
         )  # fmt: skip
         session.report = report
         t = time.perf_counter()

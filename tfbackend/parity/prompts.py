@@ -29,18 +29,57 @@ class Prompt:
     text: str | None = None
 
 
-def load_tokenizer(model_dir: str):
-    """The model's own tokenizer when the folder has one, else None (never downloaded)."""
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "merges.txt",
+    "special_tokens_map.json", "added_tokens.json", "vocab.txt", "spiece.model",
+)  # fmt: skip
+
+
+def load_tokenizer(model_dir: str, *, trust_remote_code: bool = False):
+    """(the model's own tokenizer, None) when the folder has one; else (None, why not) — why is
+    None when the folder has no tokenizer at all. Never downloaded, and the repo's tokenizer code
+    (an `auto_map`) is never imported unless trusted: transformers prompts "Do you wish to run
+    the custom code?" only when trust_remote_code is None (dynamic_module_utils.py), so it is
+    always passed."""
     folder = Path(model_dir)
-    names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
-    if not any((folder / n).is_file() for n in names):
-        return None
+    present = [n for n in TOKENIZER_FILES if (folder / n).exists()]
+    if not any(n in present for n in TOKENIZER_FILES[:4]):
+        return None, None
+    odd = [n for n in present if not (folder / n).is_file()]
+    if odd:
+        return None, f"tokenizer not loaded: {odd[0]} is not a regular file"
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    except Exception:  # noqa: BLE001 - a broken tokenizer falls back to token ids, said in the report
-        return None
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_dir, local_files_only=True, trust_remote_code=trust_remote_code
+        )
+    except Exception as exc:  # noqa: BLE001 - a broken tokenizer falls back to token ids, said
+        if not trust_remote_code and _tokenizer_needs_code(folder):
+            return None, (
+                "tokenizer not loaded: it needs the repo's own code (auto_map in "
+                "tokenizer_config.json), which runs only with --trust-remote-code"
+            )
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return None, f"tokenizer not loaded ({type(exc).__name__}: {first})"
+    return tokenizer, None
+
+
+def _tokenizer_needs_code(folder: Path) -> bool:
+    from tfbackend.errors import UserError
+    from tfbackend.userfiles import read_text
+
+    for name in ("tokenizer_config.json", "config.json"):
+        try:
+            data = json.loads(read_text(folder / name, name))
+        except (UserError, ValueError, RecursionError):
+            continue
+        auto_map = data.get("auto_map") if isinstance(data, dict) else None
+        if name == "tokenizer_config.json" and auto_map:
+            return True
+        if isinstance(auto_map, dict) and "AutoTokenizer" in auto_map:
+            return True
+    return False
 
 
 def build_prompts(
@@ -50,14 +89,17 @@ def build_prompts(
     prompts_file: str | None = None,
     lengths: tuple[int, ...] | None = None,
     limit: int | None = None,
-) -> tuple[list[Prompt], str]:
-    """The prompts and a one-line description of where they came from."""
+    trust_remote_code: bool = False,
+) -> tuple[list[Prompt], str, list[str]]:
+    """The prompts, a one-line description of where they came from, and notes for the report
+    (why the model's tokenizer was not used)."""
     text_config = config.get_text_config()
     vocab = text_config.vocab_size
     max_len = getattr(text_config, "max_position_embeddings", None) or 4096
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer, why_not = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
+    notes = [why_not] if why_not else []
     if prompts_file:
-        prompts = _from_file(prompts_file, tokenizer, vocab)
+        prompts = _from_file(prompts_file, tokenizer, vocab, why_not)
         source = f"{len(prompts)} prompt(s) from {prompts_file}"
     elif tokenizer is not None and lengths is None:
         prompts = [
@@ -76,7 +118,7 @@ def build_prompts(
         prompts = prompts[:limit]
     for p in prompts:
         p.ids = p.ids[:max_len]
-    return prompts, source
+    return prompts, source, notes
 
 
 def random_prompts(vocab: int, lengths, name: str = "ids") -> list[Prompt]:
@@ -94,18 +136,33 @@ def _sliding_window(text_config) -> int | None:
     return None
 
 
-def _from_file(path: str, tokenizer, vocab: int) -> list[Prompt]:
+def _from_file(
+    path: str, tokenizer, vocab: int, why_no_tokenizer: str | None = None
+) -> list[Prompt]:
     """A .json file holds a list of strings or of token-id lists; any other file holds one prompt
     per non-empty line."""
+    from tfbackend.userfiles import read_text
+
     file = Path(path)
-    if not file.is_file():
+    if not file.exists():
         raise UserError(f"--prompts {path}: no such file")
+    text = read_text(file, "--prompts")
     if file.suffix == ".json":
-        items = json.loads(file.read_text())
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UserError(
+                f"--prompts {path} is not valid JSON (line {exc.lineno}, column {exc.colno}): "
+                "give a JSON list of strings or of token-id lists"
+            ) from None
+        except RecursionError:
+            raise UserError(f"--prompts {path} nests JSON too deeply") from None
         if not isinstance(items, list) or not items:
             raise UserError(f"--prompts {path}: expected a non-empty JSON list")
     else:
-        items = [line for line in file.read_text().splitlines() if line.strip()]
+        items = [line for line in text.splitlines() if line.strip()]
+        if not items:
+            raise UserError(f"--prompts {path} holds no prompt (no non-empty line)")
     prompts = []
     for i, item in enumerate(items):
         if isinstance(item, list):
@@ -114,9 +171,10 @@ def _from_file(path: str, tokenizer, vocab: int) -> list[Prompt]:
             prompts.append(Prompt(f"p{i}", item))
         else:
             if tokenizer is None:
+                why = f" ({why_no_tokenizer})" if why_no_tokenizer else ""
                 raise UserError(
-                    f"--prompts {path} holds text but the model has no tokenizer: give token "
-                    "ids as a JSON list of lists"
+                    f"--prompts {path} holds text but the model has no usable tokenizer{why}: "
+                    "give token ids as a JSON list of lists"
                 )
             prompts.append(Prompt(f"p{i}", tokenizer(str(item))["input_ids"], str(item)))
     return prompts

@@ -40,7 +40,13 @@ class Reference:
 
 
 def compute_reference(
-    model_dir: str, prompts, *, dtype: str, device: str, capture: bool = False
+    model_dir: str,
+    prompts,
+    *,
+    dtype: str,
+    device: str,
+    capture: bool = False,
+    trust_remote_code: bool = False,
 ) -> Reference:
     from transformers import AutoModelForCausalLM
 
@@ -56,9 +62,15 @@ def compute_reference(
     from tfbackend.parity.peak import HostPeak
 
     with HostPeak() as host:
-        config = AutoConfig.from_pretrained(model_dir)
+        # The user's choice, explicitly: transformers prompts when it is None. Safetensors only:
+        # `run` refused a checkpoint without them already, and a .bin must never reach torch.load.
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=DTYPES[dtype], attn_implementation=attn_implementation(config)
+            model_dir,
+            dtype=DTYPES[dtype],
+            attn_implementation=attn_implementation(config),
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
         )
         model = model.to(dev).eval()  # device_map would need accelerate
         load_s = time.perf_counter() - t0

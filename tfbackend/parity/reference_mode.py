@@ -109,8 +109,9 @@ def run_reference(local_dir: str, prompts, options, report, progress):
         from tfbackend.parity.reference import compute_reference
 
         reference = compute_reference(
-            local_dir, prompts, dtype=ref_dtype, device=options.device, capture=options.bisect
-        )
+            local_dir, prompts, dtype=ref_dtype, device=options.device, capture=options.bisect,
+            trust_remote_code=options.trust_remote_code,
+        )  # fmt: skip
     report.reference_mode = reference.mode
     report.reference_peak_bytes = reference.peak_bytes
     report.reference_peak_kind = reference.peak_kind

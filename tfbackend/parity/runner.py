@@ -3,17 +3,20 @@ progress goes to a callback, results into a RunReport."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tfbackend.errors import RunError, UserError
+from tfbackend.errors import RunError, Terminated, UserError
 from tfbackend.parity.bisect import Divergence
 from tfbackend.parity.metrics import PromptMetrics
 from tfbackend.parity.workers import RankStats
@@ -42,8 +45,12 @@ class RunOptions:
     launcher: str = "spawn"  # "spawn" (tfbackend starts the ranks) | "torchrun" (parity/launch.py)
 
     def validate(self) -> None:
-        if self.tp < 1 or self.pp < 1:
-            raise UserError("--tp and --pp must be 1 or more")
+        """Every option, before anything is resolved or loaded."""
+        from tfbackend.limits import check_at_least_one, check_parallel, check_positive
+
+        check_parallel(self.tp, self.pp)
+        check_positive("--timeout", self.timeout_s, " of seconds")
+        check_at_least_one("--max-prompts", self.max_prompts)
         if self.device not in ("cpu", "cuda"):
             raise UserError(f"--device must be cpu or cuda, got {self.device!r}")
         for d in (self.dtype, self.reference_dtype or self.dtype):
@@ -140,9 +147,11 @@ def run(model: str, options: RunOptions, progress: Progress = _noop) -> RunRepor
 
     from tfbackend.parity.prompts import build_prompts
 
-    prompts, report.prompt_source = build_prompts(
-        local_dir, config, prompts_file=options.prompts_file, limit=options.max_prompts
-    )
+    prompts, report.prompt_source, notes = build_prompts(
+        local_dir, config, prompts_file=options.prompts_file, limit=options.max_prompts,
+        trust_remote_code=options.trust_remote_code,
+    )  # fmt: skip
+    report.notes += notes
 
     t = time.perf_counter()
     from tfbackend.parity.reference_mode import run_reference
@@ -197,11 +206,41 @@ def _resolve(model: str, options: RunOptions):
                 token=options.token,
                 allow_patterns=["*.json", "*.safetensors", "tokenizer*"],
             )
+    _require_safetensors(local_dir)
     facts = facts_from_source(source, trust_remote_code=options.trust_remote_code)
     plan = build_plan(facts, tp=options.tp, pp=options.pp, profile=run_profile())
     _check_runnable(facts, plan, options)
     config = AutoConfig.from_pretrained(local_dir, trust_remote_code=options.trust_remote_code)
     return local_dir, facts, plan, config
+
+
+def _require_safetensors(local_dir: str) -> None:
+    """`run` loads weights, and only from safetensors: a pickle (.bin) is refused here, before
+    the reference's from_pretrained could reach torch.load's unpickler. The headers are read
+    too, so a damaged or truncated file is named now, not by a rank."""
+    import stat
+
+    from tfbackend.inspect.checkpoint import FORMAT_PICKLE, FORMAT_SAFETENSORS, read_local
+    from tfbackend.userfiles import not_regular
+
+    # transformers reads whatever it finds there (generation_config.json, tokenizer files): a
+    # FIFO would block it, a link to /dev/zero would fill memory.
+    for entry in sorted(Path(local_dir).iterdir()):
+        try:
+            mode = entry.stat().st_mode
+        except OSError:
+            continue  # a dangling link: nothing reads it
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise not_regular(entry, "model file")
+    headers = read_local(local_dir)
+    if headers.format == FORMAT_SAFETENSORS:
+        return
+    if headers.format == FORMAT_PICKLE:
+        raise UserError(
+            f"{local_dir} has only pickle weights ({', '.join(headers.pickle_files)}): `run` "
+            "loads safetensors only and never unpickles; convert the checkpoint to safetensors"
+        )
+    raise UserError(f"{local_dir} has no .safetensors weights: `run` needs the checkpoint")
 
 
 def _check_runnable(facts, plan, options: RunOptions) -> None:
@@ -231,28 +270,48 @@ def _run_ranks(local_dir, plan, prompts, options, report, progress, reference_ca
     from tfbackend.parity.workers import RankJob, free_port, rank_main
 
     world = options.tp * options.pp
-    out = Path(tempfile.mkdtemp(prefix="tfbackend-run-"))
-    job = RankJob(
-        model_dir=local_dir, plan=plan, tp=options.tp, pp=options.pp, device=options.device,
-        dtype=options.dtype, prompts=[p.ids for p in prompts], port=free_port(),
-        out_dir=str(out), timeout_s=options.timeout_s, bisect=options.bisect,
-    )  # fmt: skip
-    t0 = time.perf_counter()
-    progress(
-        "spawn ranks",
-        "running",
-        f"{world} processes ({'nccl' if options.device == 'cuda' else 'gloo'})",
-    )
-    # spawn by default (safe with CUDA); forkserver (TFBACKEND_START_METHOD) forks ranks from a
-    # server that imported torch and transformers once, which makes repeated runs (tests) fast.
-    method = os.environ.get("TFBACKEND_START_METHOD", "spawn")
-    start_ctx = mp.get_context(method)
-    if method == "forkserver":
-        start_ctx.set_forkserver_preload(["torch", "transformers", "tfbackend.parity.workers"])
-    queue = start_ctx.SimpleQueue()
-    procs = mp.start_processes(
-        rank_main, args=(job, queue), nprocs=world, join=False, start_method=method
-    )
+    out = procs = None
+    with _signals_as_exceptions() as hold:
+        try:
+            with hold():  # the folder exists and `out` names it, or neither
+                out = Path(tempfile.mkdtemp(prefix="tfbackend-run-"))
+            job = RankJob(
+                model_dir=local_dir, plan=plan, tp=options.tp, pp=options.pp,
+                device=options.device, dtype=options.dtype, prompts=[p.ids for p in prompts],
+                port=free_port(), out_dir=str(out), timeout_s=options.timeout_s,
+                bisect=options.bisect, trust_remote_code=options.trust_remote_code,
+            )  # fmt: skip
+            t0 = time.perf_counter()
+            progress(
+                "spawn ranks",
+                "running",
+                f"{world} processes ({'nccl' if options.device == 'cuda' else 'gloo'})",
+            )
+            # spawn by default (safe with CUDA); forkserver (TFBACKEND_START_METHOD) forks ranks
+            # from a server that imported torch and transformers once: repeated runs (tests) are
+            # fast.
+            method = os.environ.get("TFBACKEND_START_METHOD", "spawn")
+            start_ctx = mp.get_context(method)
+            if method == "forkserver":
+                start_ctx.set_forkserver_preload(
+                    ["torch", "transformers", "tfbackend.parity.workers"]
+                )
+            queue = start_ctx.SimpleQueue()
+            with hold():  # every rank started and `procs` holds them all, for the cleanup
+                procs = mp.start_processes(
+                    rank_main, args=(job, queue), nprocs=world, join=False, start_method=method
+                )
+            return _collect(procs, queue, options, report, progress, reference_captures, out, t0)
+        finally:
+            with hold():  # a second signal does not cut the cleanup short
+                if procs is not None:
+                    _stop(procs)
+                if out is not None:
+                    shutil.rmtree(out, ignore_errors=True)
+
+
+def _collect(procs, queue, options, report, progress, reference_captures, out: Path, t0: float):
+    world = options.tp * options.pp
     try:
         _wait(procs, queue, options.timeout_s, t0, world, out, progress)
         report.phases["ranks"] = time.perf_counter() - t0
@@ -282,9 +341,51 @@ def _run_ranks(local_dir, plan, prompts, options, report, progress, reference_ca
                 raised_in=failure.record["module"], error=failure.record["message"],
             ) or report.divergence  # fmt: skip
         return None, None
+
+
+@contextlib.contextmanager
+def _signals_as_exceptions():
+    """SIGTERM raises Terminated and SIGINT KeyboardInterrupt in the main thread, so `finally`
+    stops the ranks and removes the run's folder, and the CLI exits 143 or 130 (without a
+    handler, SIGTERM killed the process where it stood: folder left, semaphore leaked).
+
+    Yields `hold`: inside `with hold():` a signal waits until the block ends, so creating the
+    folder, starting the ranks and cleaning up are never cut in half; a second signal while one
+    waits is raised at once (a stuck start can still be interrupted).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield contextlib.nullcontext  # signal handlers can only be set from the main thread
+        return
+    state = {"depth": 0, "pending": None}
+
+    def raise_for(signum: int):
+        if signum == signal.SIGTERM:
+            raise Terminated()
+        raise KeyboardInterrupt
+
+    def handler(signum, frame):
+        if state["depth"] and state["pending"] is None:
+            state["pending"] = signum
+            return
+        raise_for(signum)
+
+    @contextlib.contextmanager
+    def hold():
+        state["depth"] += 1
+        try:
+            yield
+        finally:
+            state["depth"] -= 1
+        if not state["depth"] and state["pending"] is not None:
+            signum, state["pending"] = state["pending"], None
+            raise_for(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield hold
     finally:
-        _stop(procs)
-        shutil.rmtree(out, ignore_errors=True)
+        for s, h in previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
 
 
 class _ModelFailure(Exception):
@@ -359,7 +460,10 @@ def _first_error(out: Path) -> dict | None:
 
 
 def _stop(procs) -> None:
-    """Terminate, then kill, every rank still alive: no orphans."""
+    """Terminate, then kill, every rank still alive: no orphans. Then remove the error files
+    torch.multiprocessing named for them: start_processes reserves one per rank in the default
+    temp dir (tempfile.NamedTemporaryFile, torch/multiprocessing/spawn.py) and a rank that raises
+    writes its traceback there; nothing else deletes it."""
     for p in procs.processes:
         if p.is_alive():
             p.terminate()
@@ -369,6 +473,9 @@ def _stop(procs) -> None:
         if p.is_alive():
             p.kill()
             p.join(timeout=5)
+    for path in getattr(procs, "error_files", None) or []:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 def _load(path: Path):

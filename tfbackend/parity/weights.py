@@ -8,7 +8,6 @@ names transformers writes: per-expert `experts.{e}.gate_proj/up_proj/down_proj` 
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 
 import torch
@@ -16,6 +15,7 @@ from safetensors import safe_open
 from torch import nn
 
 from tfbackend.errors import CheckpointError
+from tfbackend.inspect.checkpoint import read_index
 from tfbackend.replace.layers import FusedMoE, ParallelLMHead, Shard, VocabParallelEmbedding
 
 _PER_EXPERT = {"gate": ("gate_proj", "w1"), "up": ("up_proj", "w3"), "down": ("down_proj", "w2")}
@@ -27,8 +27,8 @@ class CheckpointReader:
     def __init__(self, folder: str | Path):
         folder = Path(folder)
         index = folder / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+        if index.exists():
+            weight_map = read_index(index)
             files = sorted(set(weight_map.values()))
         else:
             files = sorted(p.name for p in folder.glob("*.safetensors"))

@@ -39,6 +39,7 @@ class RankJob:
     out_dir: str
     timeout_s: float
     bisect: bool = False
+    trust_remote_code: bool = False
 
 
 @dataclass
@@ -160,10 +161,13 @@ def _build(job: RankJob, ctx, stage: int):
     from tfbackend.parity.reference import DTYPES, attn_implementation
     from tfbackend.replace.apply import apply
 
-    config = AutoConfig.from_pretrained(job.model_dir)
+    config = AutoConfig.from_pretrained(job.model_dir, trust_remote_code=job.trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(
-            config, dtype=DTYPES[job.dtype], attn_implementation=attn_implementation(config)
+            config,
+            dtype=DTYPES[job.dtype],
+            attn_implementation=attn_implementation(config),
+            trust_remote_code=job.trust_remote_code,
         )
     applied = apply(job.plan, model, ctx, stage=stage)
     return model.eval(), applied

@@ -11,7 +11,6 @@ pieces of transformers 5's 3-D experts (`gate_up_proj [E, 2I, H]`, `down_proj [E
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import asdict, dataclass, field
 from itertools import chain
@@ -152,10 +151,12 @@ def _model_class(facts: ModelFacts):
 
 
 def raw_text_config(facts: ModelFacts) -> dict[str, Any]:
+    from tfbackend.errors import UserError
+    from tfbackend.inspect.config import read_config_json
+
     try:
-        with open(facts.source.config_path) as f:
-            raw = json.load(f)
-    except (OSError, ValueError, TypeError):
+        raw = read_config_json(facts.source.config_path)
+    except UserError:  # an in-memory config (tests, the sweep): no file to read
         return {}
     text = raw.get("text_config")
     return {**raw, **text} if isinstance(text, dict) else raw

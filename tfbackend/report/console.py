@@ -24,6 +24,32 @@ def make_console(stderr: bool = False, width: int | None = None) -> Console:
     return Console(stderr=stderr, width=width, highlight=False, soft_wrap=False)
 
 
+def print_whole(console: Console, renderable) -> None:
+    """Print a table (or lines) with every value in full.
+
+    Without a terminal (a CI log, `| tee`) rich lays tables out in 80 columns (or $COLUMNS) and
+    cuts what does not fit to `2.98e…`: there the table gets the width it needs instead (a log
+    line may be long; a number may not be cut). In a terminal the table keeps the terminal's
+    width and folds a value that does not fit onto the next line, never an ellipsis.
+    """
+    if isinstance(renderable, Table):
+        for column in renderable.columns:
+            column.overflow = "fold"
+    if console.is_terminal:
+        console.print(renderable)
+        return
+    need = console.measure(renderable, options=console.options.update_width(10_000)).maximum
+    width = console.width
+    if need <= width:
+        console.print(renderable)
+        return
+    console.width = need
+    try:
+        console.print(renderable)
+    finally:
+        console.width = width
+
+
 def shape(s: list[int] | None) -> str:
     return "[" + ", ".join(str(d) for d in s) + "]" if s else "—"
 
@@ -243,9 +269,11 @@ def render_check(report: CheckReport, console: Console) -> None:
     title = (
         f"tfbackend check · {s.source} · tp={report.tp} pp={report.pp} · profile {report.profile}"
     )
-    console.print(Panel(summary_table(report), title=title, title_align="left", box=box.ROUNDED))
+    print_whole(
+        console, Panel(summary_table(report), title=title, title_align="left", box=box.ROUNDED)
+    )
     console.rule("replacement plan", align="left")
-    console.print(plan_lines(report))
+    print_whole(console, plan_lines(report))
     for heading, table in (
         ("attention", attention_table(report)),
         ("experts", moe_table(report)),
@@ -253,7 +281,7 @@ def render_check(report: CheckReport, console: Console) -> None:
     ):
         if table is not None:
             console.rule(heading, align="left")
-            console.print(table)
+            print_whole(console, table)
     for note in report.plan.notes:
         console.print(Text(f"note: {note}", style="dim"))
     for name, data in report.sections.items():

@@ -7,7 +7,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from tfbackend.report.console import SEVERITY_STYLE, VERDICT_STYLE
+from tfbackend.report.console import SEVERITY_STYLE, VERDICT_STYLE, print_whole
 from tfbackend.report.findings import Severity
 
 STATUS_STYLE = {
@@ -35,7 +35,7 @@ def render_gate(report, console: Console) -> None:
             f"[{STATUS_STYLE[r.status]}]{status}[/]",
             f"{errors} / {warnings}",
         )
-    console.print(table)
+    print_whole(console, table)
 
     for r in report.results:
         for c in r.checks:

@@ -10,6 +10,7 @@ from rich.live import Live
 from rich.table import Table
 
 from tfbackend.parity.runner import PHASES, RunReport
+from tfbackend.report.console import make_console, print_whole
 from tfbackend.report.units import gib
 
 _MARK = {"running": "[yellow]…[/]", "done": "[green]✓[/]", "pending": "[dim]·[/]"}
@@ -63,7 +64,7 @@ def _gib(n: int | None) -> str:
 
 
 def render_run(report: RunReport, console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or make_console()
     console.print(
         f"[bold]{report.model}[/]  engine {report.engine} · tp {report.tp} · pp {report.pp} · "
         f"{report.device} · {report.dtype} (reference {report.reference_dtype}) · plan {report.profile}"
@@ -90,7 +91,7 @@ def render_run(report: RunReport, console: Console | None = None) -> None:
                 _fmt(m.kl_mean), _fmt(m.kl_max), _fmt(m.max_dlogprob_topk), _fmt(m.max_dlogit),
                 "[red]fail[/]" if failed else "[green]ok[/]",
             )  # fmt: skip
-        console.print(table)
+        print_whole(console, table)
         for name, why in report.failures.items():
             console.print(f"  [red]{name}[/]: {'; '.join(why)}")
     if report.ranks:
@@ -114,7 +115,7 @@ def render_run(report: RunReport, console: Console | None = None) -> None:
                 f"{_gib(r.peak_bytes)} ({'GPU' if r.peak_kind.startswith('cuda') else 'RSS'})",
                 *(f"{r.phases.get(p, 0):.2f}s" for p in ("init", "build", "load", "forward")),
             )  # fmt: skip
-        console.print(table)
+        print_whole(console, table)
     if report.reference_mode:
         peak = "GPU" if report.reference_peak_kind.startswith("cuda") else "RSS growth"
         read = f", read {_gib(report.reference_bytes_read)}" if report.reference_bytes_read else ""

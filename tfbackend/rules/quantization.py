@@ -82,17 +82,39 @@ def refused_quant(ctx, r):
         yield r.finding(f"quant_method {method!r} is refused by {ctx.profile.name}", method=method)
 
 
+def _modelopt(q: dict) -> bool:
+    """A ModelOpt config, which vLLM names itself from `quant_algo` (model_arch_config_convertor)."""
+    producer = q.get("producer")
+    legacy = q.get("quantization")
+    return (isinstance(producer, dict) and producer.get("name") == "modelopt") or (
+        isinstance(legacy, dict) and "modelopt_quant_config" in legacy
+    )
+
+
 @rule(
     "TFB602",
-    "Quantization method unknown to vLLM",
-    Severity.WARNING,
+    "Quantization method missing or unknown to vLLM",
+    Severity.ERROR,
     rationale="""
-vLLM passes the quant config to every replaced layer by method name. A method vLLM does not list
-(`vllm.model_executor.layers.quantization.QUANTIZATION_METHODS`) fails at start-up.
+vLLM reads the method from `quantization_config["quant_method"]` and passes the quant config to
+every replaced layer by that name. A method vLLM does not list
+(`vllm.model_executor.layers.quantization.QUANTIZATION_METHODS`) fails at start-up with
+`ValueError: Unknown quantization method`. A config without `quant_method` is read as `""`:
+unless one of vLLM's override detectors recognises the config, the model is built unquantized
+and its quantized weights do not load (vllm/config/model.py `_verify_quantization`,
+vllm/transformers_utils/model_arch_config_convertor.py).
 """,
-    fix="check the method name in quantization_config, or requantize with a supported method",
+    fix="name the method in quantization_config's quant_method, or requantize with a supported "
+    "method",
 )
 def unknown_quant(ctx, r):
+    q = ctx.facts.config.quantization
+    if q and not q.get("quant_method") and not _modelopt(q):
+        yield r.finding(
+            "quantization_config has no quant_method: vLLM does not know how to load it",
+            method=None,
+        )
+        return
     method = quant_method(ctx)
     if not method or method in ctx.profile.refused_quant or method in ctx.profile.plugin_quant:
         return

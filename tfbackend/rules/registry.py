@@ -113,6 +113,26 @@ def load_all() -> dict[str, Rule]:
     return REGISTRY
 
 
+def unknown_rule_ids(ids: list[str] | tuple[str, ...]) -> list[str]:
+    """The ids (or prefixes) that name no rule: `TFB2` names every tensor-parallel rule,
+    `TFB299` names none."""
+    if not ids:
+        return []
+    rules = load_all()
+    return [i for i in ids if not any(r.startswith(i.strip().upper()) for r in rules)]
+
+
+def check_rule_ids(flag: str, ids: list[str]) -> None:
+    """`--select`/`--ignore`: an id that names no rule would silently run (or skip) nothing."""
+    unknown = unknown_rule_ids(ids)
+    if unknown:
+        from tfbackend.errors import UserError
+
+        raise UserError(
+            f"{flag} {unknown[0]}: no rule has that id or prefix (see `tfbackend rules`)"
+        )
+
+
 def selected(rule_id: str, select: list[str] | None, ignore: list[str] | None) -> bool:
     """`--select`/`--ignore` by id or prefix (TFB2 selects every tensor-parallel rule)."""
     if select and not any(rule_id.startswith(s) for s in select):

@@ -6,6 +6,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from tfbackend.report.console import print_whole
 from tfbackend.report.units import size
 
 
@@ -51,6 +52,6 @@ def render(data, console: Console) -> None:
         t.add_row("wrong shape", Text(str(len(cmp["shape_mismatches"])), style="red"))
     if cmp["ignored"]:
         t.add_row("ignored", f"{len(cmp['ignored'])} (see TFB707)")
-    console.print(t)
+    print_whole(console, t)
     for note in cmp["notes"]:
         console.print(Text(f"note: {note}", style="dim"))

@@ -7,6 +7,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from tfbackend.report.console import print_whole
 from tfbackend.report.units import size
 
 
@@ -48,7 +49,7 @@ def render(data, console: Console) -> None:
             "—" if st["max_kv_tokens"] is None else f"{st['max_kv_tokens']:,}",
             fit,
         )
-    console.print(t)
+    print_whole(console, t)
     console.print(Text(f"note: max-model-len {mem['max_model_len_note']}", style="dim"))
     for note in mem["notes"]:
         console.print(Text(f"note: {note}", style="dim"))

@@ -5,6 +5,8 @@ from __future__ import annotations
 from rich.table import Table
 from rich.text import Text
 
+from tfbackend.report.console import print_whole
+
 
 def render(data: dict, console) -> None:
     compared, agreed = data.get("compared", 0), data.get("agreed", 0)
@@ -27,4 +29,4 @@ def render(data: dict, console) -> None:
         table = Table("rank", "module", "what", "tfbackend", "vLLM")
         for d in rows[:40]:
             table.add_row(str(d["rank"]), d["qualname"], d["what"], d["ours"], d["vllm"])
-        console.print(table)
+        print_whole(console, table)
