@@ -178,3 +178,19 @@ def test_tiny_model_is_checkable(tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["model"]["head_dim"] == 32 and data["model"]["num_experts"] == 4
+
+
+def test_random_prompts_never_hold_a_special_token_id():
+    from tfbackend.parity.prompts import build_prompts, random_prompts
+    from tfbackend.parity.tiny import special_token_ids, tiny_config
+
+    config = tiny_config("gemma3")  # image_token_id and boi/eoi ids inside the vocab
+    special = special_token_ids(config)
+    assert special
+    prompts, _, _ = build_prompts("/nonexistent", config)
+    assert not {t for p in prompts for t in p.ids} & special
+    # with nothing to avoid, the same ids as a plain randint draw
+    import torch
+
+    gen = torch.Generator().manual_seed(1234 + 7)
+    assert random_prompts(512, (7,))[0].ids == torch.randint(0, 512, (7,), generator=gen).tolist()

@@ -107,12 +107,14 @@ def build_prompts(
         ]
         source = "built-in prompts, model tokenizer"
     else:
-        prompts = random_prompts(vocab, lengths or RANDOM_LENGTHS)
+        prompts = random_prompts(vocab, lengths or RANDOM_LENGTHS, avoid=_special_ids(config))
         source = f"fixed-seed token ids (seed {SEED})"
     window = _sliding_window(text_config)
     if window and not prompts_file and all(len(p.ids) <= window for p in prompts):
         # At least one input must cross the window, or sliding layers are never exercised.
-        prompts += random_prompts(vocab, (window + 5,), name="past-window")
+        prompts += random_prompts(
+            vocab, (window + 5,), name="past-window", avoid=_special_ids(config)
+        )
         source += f"; one past the sliding window ({window})"
     if limit:
         prompts = prompts[:limit]
@@ -121,11 +123,23 @@ def build_prompts(
     return prompts, source, notes
 
 
-def random_prompts(vocab: int, lengths, name: str = "ids") -> list[Prompt]:
+def random_prompts(vocab: int, lengths, name: str = "ids", avoid=()) -> list[Prompt]:
+    """Fixed-seed token ids, none of them in `avoid` (with nothing to avoid, the ids are those
+    of a plain `randint(0, vocab)`)."""
     gen = torch.Generator().manual_seed(SEED + sum(lengths))
+    allowed = torch.tensor([i for i in range(vocab) if i not in set(avoid)])
     return [
-        Prompt(f"{name}{n}", torch.randint(0, vocab, (n,), generator=gen).tolist()) for n in lengths
+        Prompt(f"{name}{n}", allowed[torch.randint(0, len(allowed), (n,), generator=gen)].tolist())
+        for n in lengths
     ]
+
+
+def _special_ids(config) -> set[int]:
+    """Ids a random prompt must not hold: a multimodal model reads an image or audio placeholder
+    as a request for features it was not given, and raises."""
+    from tfbackend.parity.tiny import special_token_ids
+
+    return special_token_ids(config)
 
 
 def _sliding_window(text_config) -> int | None:
