@@ -162,6 +162,21 @@ def test_vllm_computes_the_reference_logits(models, mark, warm, kind, tp):
     _assert_nothing_left(mark)
 
 
+def test_above_the_full_scores_limit_only_the_top_k_is_compared_and_the_report_says_so(
+    models, mark, warm, monkeypatch
+):
+    from tfbackend.parity import engine_vllm
+
+    monkeypatch.setattr(engine_vllm, "FULL_SCORES_LIMIT", 1000)  # 512 x 40 tokens is above
+    report = run(models["llama"], _opts(tp=1))
+    assert report.verdict == "pass", report.failures
+    assert any("top-20 log-probabilities only" in note for note in report.notes)
+    for m in report.prompts:  # no KL and no |Δlogit| from a top-k; containment still judged
+        assert m.kl_mean is None and m.max_dlogit is None
+        assert m.topk_containment == 1.0 and m.max_dlogprob_topk < 1e-3
+    _assert_nothing_left(mark)
+
+
 def test_a_model_vllm_cannot_serve_fails_with_vllms_reason_in_one_line(models, mark, warm, capsys):
     from io import StringIO
 

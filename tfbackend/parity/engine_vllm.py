@@ -109,6 +109,12 @@ def run_vllm(local_dir, prompts, reference, options, report, progress):
             f"{FULL_SCORES_LIMIT}: compared on vLLM's top-{TOPK_ASKED} log-probabilities only "
             "(no KL, no |Δlogit|)"
         )
+    if options.pp > 1 and options.device == "cpu":
+        report.notes.append(
+            "pp > 1 on vLLM's CPU build: vLLM's one-token dummy forward was run once before the "
+            "prompts (its CPU runner skips it in eager mode, and later stages then have no "
+            "buffer for the hidden states they receive)"
+        )
     if job["truncated"]:
         report.notes.append(
             f"prompts cut to {job['truncated']} tokens for vLLM (it refuses a prompt that fills "
@@ -306,6 +312,9 @@ def _execute(work: Path, job: dict, options, report, progress):
     try:
         for rank in range(children):
             ranks.append(_start(work, rank, _env(options, rank, children, port), deadline))
+        # Starting is instant for a fresh interpreter; a warm zygote's first fork waits for its
+        # own import of vLLM.
+        report.phases["vllm start"] = time.perf_counter() - t0
         outcome = _wait(ranks, work, deadline, options.timeout_s, progress, report)
     finally:
         stop_group(ranks)

@@ -13,10 +13,10 @@ Everything goes through files in JOB_DIR, each written whole (temporary name, th
 - `scores.pt` (rank 0, on success): per prompt, either vLLM's full [positions, vocab] scores,
   or its top-k token ids and log-probabilities per position.
 
-With one rank, vLLM runs entirely in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, the
-`uni` executor). With more, every rank is one such process and vLLM's `external_launcher`
-executor joins them through torch.distributed (`RANK`, `WORLD_SIZE`, `MASTER_ADDR/PORT`): each
-rank imports vLLM once, in parallel, instead of an engine process that then spawns workers.
+The engine always runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`); the executor is
+the parent's choice (`engine_vllm.executor_for`): `uni` for one rank, `external_launcher` with
+one such process per tensor-parallel rank (joined through torch.distributed: `RANK`,
+`WORLD_SIZE`, `MASTER_ADDR/PORT`), `mp` (vLLM's own workers under this process) for pipelines.
 """
 
 from __future__ import annotations
@@ -205,11 +205,9 @@ def _record(exc: BaseException, rank: int, step: str, log: Path) -> dict:
     if _raised_in(exc, WORKER_START_FRAME):
         # The `mp` executor's "WorkerProc initialization failed ... See stack trace for root
         # cause": the cause is in the worker's traceback, which it logged to our output.
-        kind, message, phase = worker_failure(log.read_text(errors="replace")) or (
-            kind,
-            message,
-            phase,
-        )
+        from_worker = worker_failure(log.read_text(errors="replace"))
+        if from_worker:
+            kind, message, phase = from_worker
     return {
         "rank": rank,
         "step": step,
