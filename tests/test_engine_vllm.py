@@ -48,6 +48,11 @@ def _write(kind: str, folder: Path) -> str:
         )  # fmt: skip
     elif kind == "odd-mlp":  # vLLM's MergedColumnParallelLinear cannot split 129 over tp 2
         config = LlamaConfig(intermediate_size=129, **TINY)
+    elif kind == "three-heads":  # vLLM's ParallelConfig refuses 3 heads over tp 2
+        config = LlamaConfig(
+            intermediate_size=256, **{**TINY, "hidden_size": 192, "num_attention_heads": 3,
+                                      "num_key_value_heads": 3},
+        )  # fmt: skip
     else:
         raise ValueError(kind)
     make_random_model(config, folder, seed=0)
@@ -57,7 +62,7 @@ def _write(kind: str, folder: Path) -> str:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm-models")
-    return {k: _write(k, root / k) for k in ("llama", "qwen3moe", "odd-mlp")}
+    return {k: _write(k, root / k) for k in ("llama", "qwen3moe", "odd-mlp", "three-heads")}
 
 
 @pytest.fixture
@@ -177,22 +182,39 @@ def test_above_the_full_scores_limit_only_the_top_k_is_compared_and_the_report_s
     _assert_nothing_left(mark)
 
 
-def test_a_model_vllm_cannot_serve_fails_with_vllms_reason_in_one_line(models, mark, warm, capsys):
+@pytest.mark.parametrize(
+    "kind,line",
+    [
+        ("odd-mlp", "construction: AssertionError: 129 is not divisible by 2"),
+        (
+            "three-heads",
+            "config validation: ValueError: Total number of attention heads (3) must be "
+            "divisible by tensor parallel size (2).",
+        ),
+    ],
+)
+def test_a_model_vllm_cannot_serve_fails_with_vllms_reason_in_one_line(
+    models, mark, warm, capsys, kind, line
+):
     from io import StringIO
 
     from rich.console import Console
 
     from tfbackend.report.run_console import render_run
 
-    report = run(models["odd-mlp"], _opts(tp=2, max_prompts=1))
+    report = run(models[kind], _opts(tp=2, max_prompts=1))
     assert report.exit_code == 1 and report.verdict == "fail"
-    failure = report.to_dict()["vllm_failure"]
-    assert failure["phase"] == "construction" and failure["error_type"] == "AssertionError"
-    assert failure["message"] == "129 is not divisible by 2"
+    failure = report.to_dict()["vllm_failure"]  # the JSON report's fields
+    phase, error_type, message = line.split(": ", 2)
+    assert (failure["phase"], failure["error_type"], failure["message"]) == (
+        phase,
+        error_type,
+        message,
+    )
     console = StringIO()
-    render_run(report, Console(file=console, width=200))
-    lines = [line for line in console.getvalue().splitlines() if line.startswith("vLLM raised")]
-    assert lines == ["vLLM raised during construction: AssertionError: 129 is not divisible by 2"]
+    render_run(report, Console(file=console, width=300))
+    lines = [x for x in console.getvalue().splitlines() if x.startswith("vLLM raised")]
+    assert lines == [f"vLLM raised during {line}"]
     assert "Traceback" not in console.getvalue() + "".join(capsys.readouterr())
     _assert_nothing_left(mark)
 

@@ -12,7 +12,7 @@ import pytest
 
 from tfbackend.inspect.walk import versions
 from tfbackend.parity.engine_vllm import FULL_SCORES_LIMIT, _batches, executor_for
-from tfbackend.parity.vllm_child import one_line, phase_of, worker_failure
+from tfbackend.parity.vllm_child import describe, one_line, phase_of, worker_failure
 from tfbackend.vllm_bridge.installed import installed_vllm
 
 
@@ -76,6 +76,26 @@ def test_vllms_message_is_one_line_and_a_bare_assert_names_its_statement(tmp_pat
     with pytest.raises(AssertionError) as info:
         namespace["f"]()
     assert one_line(info.value) == "assert tensors is not None (model_runner.py:3)"
+
+
+def test_a_validators_error_is_unwrapped_from_pydantic():
+    # vLLM's configs are pydantic dataclasses: a ValueError from a validator arrives wrapped.
+    pydantic = pytest.importorskip("pydantic")
+
+    class ParallelConfig(pydantic.BaseModel):
+        tensor_parallel_size: int
+
+        @pydantic.field_validator("tensor_parallel_size")
+        @classmethod
+        def divides(cls, tp):
+            raise ValueError(f"Total number of attention heads (3) must be divisible by {tp}.")
+
+    with pytest.raises(pydantic.ValidationError) as info:
+        ParallelConfig(tensor_parallel_size=2)
+    assert describe(info.value) == (
+        "ValueError",
+        "Total number of attention heads (3) must be divisible by 2.",
+    )
 
 
 def test_a_worker_that_failed_to_start_is_read_from_its_logged_traceback():

@@ -241,12 +241,15 @@ def _cpu_kv_bytes(text_config, max_len: int, seqs: int) -> int:
     """A KV cache that holds every prompt at once, by the plain attention formula, with room for
     what the formula misses (MLA, state caches, block rounding); vLLM zero-fills it, so a 1 GiB
     default costs a second and a GiB per rank."""
-    layers = getattr(text_config, "num_hidden_layers", None) or 1
-    heads = getattr(text_config, "num_attention_heads", None) or 1
-    kv = getattr(text_config, "num_key_value_heads", None) or heads
-    head_dim = getattr(text_config, "head_dim", None) or (
-        (getattr(text_config, "hidden_size", None) or 64) // heads
-    )
+
+    def number(name: str, default: int) -> int:
+        value = getattr(text_config, name, None)
+        return value if isinstance(value, int) and value > 0 else default
+
+    layers = number("num_hidden_layers", 1)
+    heads = number("num_attention_heads", 1)
+    kv = number("num_key_value_heads", heads)
+    head_dim = number("head_dim", number("hidden_size", 64 * heads) // heads)
     per_token = layers * 2 * kv * head_dim * 4
     tokens = (max_len + 256) * seqs
     return max(CPU_KV_CACHE_FLOOR, 4 * per_token * tokens)
@@ -265,6 +268,10 @@ def _env(options, rank: int, children: int, port: int | None) -> dict[str, str]:
     env["HF_HUB_OFFLINE"] = "1"  # the model folder is local by now; nothing to fetch
     env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core runs in the rank itself
     env.setdefault("TQDM_DISABLE", "1")
+    # The prompts are tfbackend's, and the same on both sides: a config whose other length
+    # fields make vLLM derive a shorter context than them (vllm/config/model.py
+    # _get_and_verify_max_len) is not a reason to fail the model.
+    env.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
     if options.device == "cpu":
         # Every socket on loopback (vllm/envs.py VLLM_HOST_IP; gloo binds to it).
         env.setdefault("VLLM_HOST_IP", "127.0.0.1")

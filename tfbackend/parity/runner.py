@@ -268,6 +268,8 @@ def _check_runnable(facts, plan, options: RunOptions) -> None:
                 f"--tp {options.tp} --pp {options.pp} needs {world} GPUs, {have} visible: "
                 "use fewer, or --device cpu"
             )
+    if options.engine == "vllm":  # vLLM decides what it can split; what it refuses is the result
+        return
     if options.pp > 1 and not plan.stages:
         raise UserError(f"--pp {options.pp}: no pipeline split ({'; '.join(plan.notes)})")
     heads, kv = cfg.num_attention_heads or 0, cfg.num_key_value_heads or 0

@@ -99,28 +99,44 @@ def worker_failure(log: str) -> tuple[str, str, str] | None:
     for m in map(_FRAME_LINE.match, block):
         if m and "vllm" in m.group(1):
             phase = PHASE_OF_FRAME.get(m.group(2), phase)
-    kind, text = raised[-1].group(1).rsplit(".", 1)[-1], " ".join(raised[-1].group(2).split())
-    return kind, text[:MESSAGE_CHARS] or kind, phase or "construction"
+    kind, text = raised[-1].group(1).rsplit(".", 1)[-1], _clip(raised[-1].group(2))
+    return kind, text or kind, phase or "construction"
+
+
+def describe(exc: BaseException) -> tuple[str, str]:
+    """(type, message) as vLLM meant them, the message on one line.
+
+    vLLM's configs are pydantic dataclasses: a `ValueError` raised by one of their validators
+    arrives wrapped in a `ValidationError` ("1 validation error for ModelConfig ... Value error,
+    <message> [type=value_error, ...]"); the error that was raised is in each entry's context.
+    """
+    errors = getattr(exc, "errors", None)
+    if callable(errors) and type(exc).__name__ == "ValidationError":
+        try:
+            entries = errors()
+        except Exception:  # noqa: BLE001 - fall back to the plain text
+            entries = []
+        raised = [e.get("ctx", {}).get("error") for e in entries]
+        if entries and all(isinstance(r, BaseException) for r in raised):
+            return type(raised[0]).__name__, "; ".join(one_line(r) for r in raised)
+        if entries:
+            return type(exc).__name__, _clip("; ".join(str(e.get("msg", "")) for e in entries))
+    return type(exc).__name__, one_line(exc)
 
 
 def one_line(exc: BaseException) -> str:
-    """vLLM's own message on one line: pydantic's per-field messages, the text collapsed, or for
-    a bare `assert` the statement that failed and where."""
-    errors = getattr(exc, "errors", None)
-    text = None
-    if callable(errors) and type(exc).__name__ == "ValidationError":
-        try:
-            text = "; ".join(str(e.get("msg", "")) for e in errors())
-        except Exception:  # noqa: BLE001 - fall back to the plain text
-            text = None
-    text = " ".join((text or str(exc)).split())
+    """The exception's text collapsed onto one line, or for a bare `assert` the statement that
+    failed and where."""
+    text = " ".join(str(exc).split())
     if not text and exc.__traceback__ is not None:
         frame = traceback.extract_tb(exc.__traceback__)[-1]
         text = f"{(frame.line or '').strip()} ({Path(frame.filename).name}:{frame.lineno})"
-    text = text or type(exc).__name__
-    if len(text) > MESSAGE_CHARS:
-        text = text[: MESSAGE_CHARS - 1] + "…"
-    return text
+    return _clip(text or type(exc).__name__)
+
+
+def _clip(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= MESSAGE_CHARS else text[: MESSAGE_CHARS - 1] + "…"
 
 
 def die_with_parent() -> None:
@@ -201,7 +217,7 @@ def _record(exc: BaseException, rank: int, step: str, log: Path) -> dict:
     torch = sys.modules.get("torch")
     out_of_memory = (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))
     environment = step == "import" or isinstance(exc, (_Environment, *out_of_memory))
-    kind, message, phase = type(exc).__name__, one_line(exc), phase_of(exc, step)
+    (kind, message), phase = describe(exc), phase_of(exc, step)
     if _raised_in(exc, WORKER_START_FRAME):
         # The `mp` executor's "WorkerProc initialization failed ... See stack trace for root
         # cause": the cause is in the worker's traceback, which it logged to our output.
