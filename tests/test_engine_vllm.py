@@ -227,8 +227,11 @@ def test_timeout_stops_every_vllm_process(models, mark):
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupting_the_run_stops_every_vllm_process(models, mark, sig, code):
+    # A test runner started in the background inherits SIGINT ignored, and Python then installs
+    # no KeyboardInterrupt handler: give the run the disposition a terminal gives it.
     proc = _cli(models["llama"], "--engine", "vllm", "--device", "cpu", "--tp", "2",
-                "--dtype", "float32")  # fmt: skip
+                "--dtype", "float32",
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     _wait_for_ranks(mark, 2)
     time.sleep(1.0)  # inside vLLM's import
     proc.send_signal(sig)

@@ -10,25 +10,29 @@ from importlib.metadata import version
 
 import pytest
 
+from tfbackend.env import vllm_distribution
 from tfbackend.inspect.walk import versions
 from tfbackend.parity.engine_vllm import FULL_SCORES_LIMIT, _batches, executor_for
 from tfbackend.parity.vllm_child import describe, one_line, phase_of, worker_failure
-from tfbackend.vllm_bridge.installed import installed_vllm
+from tfbackend.vllm_bridge.run import vllm_version
 
 
-def test_installed_vllm_is_the_distribution_of_the_importable_package():
-    found = installed_vllm()
+def test_vllm_is_found_by_its_importable_package_whatever_its_distribution():
+    found = vllm_distribution()
     assert (found is None) == (importlib.util.find_spec("vllm") is None)
     if found is not None:
-        assert version(found.distribution) == found.version
-        assert versions()["vllm"] == found.version
+        assert found[1] is None or version(found[0]) == found[1]
+        assert versions()["vllm"] == found[1]
+        assert vllm_version() == (found[1] or "unknown")  # what --with-vllm asks
+    else:
+        assert vllm_version() is None
 
 
 def test_finding_vllm_does_not_import_it():
     # Read from metadata: importing vLLM starts its platform detection and costs seconds.
     code = (
-        "import sys; from tfbackend.vllm_bridge.installed import installed_vllm; "
-        "installed_vllm(); print('vllm' in sys.modules)"
+        "import sys; from tfbackend.env import vllm_distribution; "
+        "vllm_distribution(); print('vllm' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

