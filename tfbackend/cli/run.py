@@ -61,7 +61,9 @@ def run(
         "process is one rank of a torchrun job, on one host or many).",
     ),
     json_out: bool = typer.Option(False, "--json", help="Print the JSON report only."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    debug: bool = typer.Option(
+        False, "--debug", help="Show tracebacks; keep and show the vLLM engine's log."
+    ),
 ) -> None:
     """Build the wrapped model per rank and compare its logits with plain transformers."""
     from tfbackend.parity.launch import speaks
@@ -74,6 +76,7 @@ def run(
         prompts_file=prompts, max_prompts=max_prompts, bisect=bisect, timeout_s=timeout,
         engine=engine, offline=offline or None, trust_remote_code=trust_remote_code,
         revision=revision, token=token, reference=reference, launcher=launcher,
+        debug=debug,
     )  # fmt: skip
     board = live_progress() if speaks(options) else contextlib.nullcontext(_silent)
     with user_errors(debug, subject=f"running {model}"), board as progress:
@@ -83,7 +86,7 @@ def run(
 
         sys.stdout.write(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
     else:
-        render_run(report)
+        render_run(report, show_log=debug)
     raise typer.Exit(report.exit_code)
 
 

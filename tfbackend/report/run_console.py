@@ -8,6 +8,7 @@ import time
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from tfbackend.parity.runner import PHASES, RunReport
 from tfbackend.report.console import make_console, print_whole
@@ -63,10 +64,14 @@ def _gib(n: int | None) -> str:
     return "—" if not n else gib(n)
 
 
-def render_run(report: RunReport, console: Console | None = None) -> None:
+def render_run(
+    report: RunReport, console: Console | None = None, *, show_log: bool = False
+) -> None:
     console = console or make_console()
     console.print(
-        f"[bold]{report.model}[/]  engine {report.engine} · tp {report.tp} · pp {report.pp} · "
+        f"[bold]{report.model}[/]  engine {report.engine}"
+        + (f" ({report.engine_version})" if report.engine_version else "")
+        + f" · tp {report.tp} · pp {report.pp} · "
         f"{report.device} · {report.dtype} (reference {report.reference_dtype}) · plan {report.profile}"
     )
     console.print(f"[dim]inputs: {report.prompt_source}[/]")
@@ -123,7 +128,13 @@ def render_run(report: RunReport, console: Console | None = None) -> None:
             f"reference: {report.reference_mode}, peak {_gib(report.reference_peak_bytes)} ({peak}){read}"
         )
     console.print("times: " + ", ".join(f"{k} {v:.2f}s" for k, v in report.phases.items()))
-    if report.model_error:
+    if report.vllm_failure:
+        console.print(Text(report.vllm_failure.line(), style="red"))
+        if show_log and report.vllm_failure.log_tail:
+            console.print(f"[dim]vLLM's log, rank {report.vllm_failure.rank} (last lines):[/]")
+            for line in report.vllm_failure.log_tail:
+                console.print(Text(line, style="dim"), soft_wrap=True)
+    elif report.model_error:
         console.print(f"[red]the wrapped model raised:[/] {report.model_error}")
     if report.divergence:
         d = report.divergence
