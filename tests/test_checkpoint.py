@@ -326,3 +326,27 @@ def test_gpt2_keys_to_ignore_pattern_drops_a_needed_bias(tmp_path):
     assert not cmp.unexpected and cmp.renamed > 0  # transformer.* → model.*
     (finding,) = [f for f in report.findings if f.rule_id == "TFB701"]
     assert "dropped by the backend's loader" in finding.message
+
+
+@pytest.mark.parametrize("model_type", ["apertus", "axk1"])
+def test_persistent_buffers_in_the_checkpoint_load_like_parameters(model_type, tmp_path):
+    # Apertus' xIELU keeps beta/eps and AXK1's router its e_score_correction_bias as persistent
+    # buffers; save_pretrained writes them and vLLM's AutoWeightsLoader loads them into the
+    # buffers (vLLM serves both, reports/parity.md): they are not "unexpected" tensors.
+    from tfbackend.parity.tiny import make_tiny_model
+
+    folder = make_tiny_model(model_type, tmp_path / model_type)
+    report = check(str(folder), CheckOptions(tp=2))
+    assert "TFB702" not in {f.rule_id for f in report.findings}
+
+
+def test_a_scalar_tensor_is_read_whole_by_the_rank_reader(tmp_path):
+    from tfbackend.parity.weights import CheckpointReader
+
+    save_file({"beta": torch.tensor(0.5), "w": torch.ones(4, 2)}, str(tmp_path / "model.safetensors"))
+    reader = CheckpointReader(tmp_path)
+    try:
+        assert reader.read("beta").item() == 0.5
+        assert reader.read("w").shape == (4, 2)
+    finally:
+        reader.close()

@@ -106,6 +106,9 @@ class ModuleFact:
     kind: str
     params: dict[str, list[int]] = field(default_factory=dict)  # direct parameters only
     attrs: dict[str, Any] = field(default_factory=dict)
+    # Direct persistent buffers: vLLM's AutoWeightsLoader loads a checkpoint tensor into one
+    # (xIELU's beta/eps), but never asks for them (its missing-weights check reads parameters).
+    buffers: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass

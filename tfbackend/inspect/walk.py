@@ -242,6 +242,7 @@ def walk(model: Any, config: Any, text: Any, source: SourceInfo) -> ModelFacts:
         cls = type(module)
         own = {n: _shape(p) for n, p in module.named_parameters(recurse=False)}
         fact = ModuleFact(qualname=qualname, class_name=cls.__name__, kind=OTHER, params=own)
+        fact.buffers = _persistent_buffers(module)
         if _is_experts(name, module):
             fact = _experts_fact(qualname, module)
             block, _, child = name.rpartition(".")
@@ -351,6 +352,15 @@ def walk(model: Any, config: Any, text: Any, source: SourceInfo) -> ModelFacts:
         modules=modules,
         versions=versions(),
     )
+
+
+def _persistent_buffers(module: Any) -> dict[str, list[int]]:
+    skip = getattr(module, "_non_persistent_buffers_set", set())
+    return {
+        n: _shape(b)
+        for n, b in module.named_buffers(recurse=False)
+        if n not in skip and b is not None
+    }
 
 
 def _root_fact(model: Any) -> list[ModuleFact]:

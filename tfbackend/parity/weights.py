@@ -58,8 +58,11 @@ class CheckpointReader:
     def read(self, name: str, shard: Shard | None = None) -> torch.Tensor:
         """The tensor, or rows [start, start+size) of dimension `shard.dim` (zero-padded past
         the end, for padded vocabularies)."""
-        sl = self._handles[self.weight_map[name]].get_slice(name)
-        if shard is None:
+        handle = self._handles[self.weight_map[name]]
+        sl = handle.get_slice(name)
+        if not sl.get_shape():  # a scalar (xIELU's beta): a slice cannot index 0 dimensions
+            t = handle.get_tensor(name)
+        elif shard is None:
             t = sl[:]
         else:
             full = sl.get_shape()[shard.dim]

@@ -265,6 +265,11 @@ def expected_parameters(facts: ModelFacts) -> dict[str, list[int]]:
     return out
 
 
+def loadable_buffers(facts: ModelFacts) -> dict[str, list[int]]:
+    """Persistent buffers a checkpoint tensor may fill (vLLM loads them; none is required)."""
+    return {f"{m.qualname}.{n}": list(s) for m in facts.modules for n, s in m.buffers.items()}
+
+
 def _experts_params(facts: ModelFacts) -> dict[str, _ExpertsParams]:
     hidden = facts.config.hidden_size or 0
     out = {}
@@ -321,6 +326,7 @@ def compare_checkpoint(
     """Map every checkpoint tensor onto the model; list what is missing, extra or misshapen."""
     naming = loader_naming(facts)
     expected = expected_parameters(facts)
+    buffers = loadable_buffers(facts)
     experts = _experts_params(facts)
     result = CheckpointComparison(
         headers=headers,
@@ -336,7 +342,7 @@ def compare_checkpoint(
     seen: set[str] = set()
     pieces: dict[str, set[tuple[int, str]]] = {}
     for name, tensor in headers.tensors.items():
-        match = _match(name, naming, expected, experts)
+        match = _match(name, naming, expected, experts, buffers)
         if match.status == IGNORED:
             result.ignored.append(match)
             continue
@@ -355,7 +361,7 @@ def compare_checkpoint(
             if target != name:
                 result.renamed += 1
             seen.add(target)
-            want = expected.get(target)
+            want = expected.get(target, buffers.get(target))
         if want is not None and list(tensor.shape) != list(want):
             result.shape_mismatches.append(ShapeMismatch(name, target, list(tensor.shape), want))
     dropped = {m.target: m for m in result.ignored if m.target}
@@ -379,7 +385,7 @@ def compare_checkpoint(
     return result
 
 
-def _match(name, naming: LoaderNaming, expected, experts) -> TensorMatch:
+def _match(name, naming: LoaderNaming, expected, experts, buffers=None) -> TensorMatch:
     if naming.tied_lm_head and re.search(r"(^|\.)lm_head\.weight$", name):
         return TensorMatch(name, IGNORED, "lm_head.weight", "tied to the input embedding: skipped")
     target, why = backend_name(name, naming)
@@ -391,6 +397,8 @@ def _match(name, naming: LoaderNaming, expected, experts) -> TensorMatch:
         return TensorMatch(name, IGNORED, would_be if would_be in expected else None, why)
     if target in expected or target == "lm_head.bias":
         return TensorMatch(name, LOADED, target, why)
+    if buffers and target in buffers:
+        return TensorMatch(name, LOADED, target, why or "persistent buffer")
     piece = _expert_piece(target, experts)
     if piece is not None:
         _, param, idx, shard, _ = piece
