@@ -137,6 +137,10 @@ def run_vllm(local_dir, prompts, reference, options, report, progress):
         t = time.perf_counter()
         progress("compare", "running", "")
         _judge(report, prompts, reference.logits, scores, job)
+        if options.scores_out and scores["full"]:
+            from tfbackend.parity.scores import keep_scores
+
+            keep_scores(options.scores_out, prompts, reference.logits, scores["prompts"], report)
         report.phases["compare"] = time.perf_counter() - t
         progress("compare", "done", report.verdict)
         return report

@@ -48,6 +48,7 @@ class RunOptions:
     reference: str = "auto"  # "auto" | "memory" | "streamed" (parity/reference_mode.py)
     launcher: str = "spawn"  # "spawn" (tfbackend starts the ranks) | "torchrun" (parity/launch.py)
     debug: bool = False  # keep the engine's logs of a failed run
+    scores_out: str | None = None  # write the compared scores here (parity/scores.py)
 
     def validate(self) -> None:
         """Every option, before anything is resolved or loaded."""
@@ -184,6 +185,10 @@ def run(model: str, options: RunOptions, progress: Progress = _noop) -> RunRepor
     t = time.perf_counter()
     progress("compare", "running", "")
     _judge(report, prompts, reference.logits, logits, options.dtype)
+    if options.scores_out and logits is not None:
+        from tfbackend.parity.scores import keep_scores
+
+        keep_scores(options.scores_out, prompts, reference.logits, logits, report)
     if options.bisect and (report.verdict == "fail") and captures is not None:
         from tfbackend.parity.bisect import first_divergence
 
