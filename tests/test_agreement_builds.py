@@ -83,7 +83,13 @@ VLLM_CONFIG_TYPES = ["deepseek_v32", "hy_v4"]
     "model_type",
     MODEL_TYPES
     + [
-        pytest.param(m, marks=pytest.mark.skipif(not _has_vllm(), reason="vLLM not installed"))
+        pytest.param(
+            m,
+            marks=[
+                pytest.mark.vllm,
+                pytest.mark.skipif(not _has_vllm(), reason="vLLM not installed"),
+            ],
+        )
         for m in VLLM_CONFIG_TYPES
     ],
 )

@@ -171,6 +171,7 @@ def test_without_vllm_a_model_type_vllm_reads_with_its_own_config_class_is_a_war
     assert findings(f, "TFB111", vllm="0.11") == []
 
 
+@pytest.mark.vllm
 def test_with_vllm_the_model_is_checked_as_vllm_reads_its_config():
     pytest.importorskip("vllm")
     f = facts(_deepseek_v32())
@@ -182,6 +183,7 @@ def test_with_vllm_the_model_is_checked_as_vllm_reads_its_config():
     assert found.severity.value == "info"
 
 
+@pytest.mark.vllm
 def test_with_vllm_a_config_vllms_own_class_cannot_build_is_an_error():
     # vLLM 0.32 reads kimi_linear with its KimiLinearConfig, from which transformers' model
     # cannot be built: vLLM fails while building (reports/agreement.md, kimi_linear).
