@@ -94,6 +94,11 @@ def _analyse(module: Any) -> dict[str, Any]:
             continue
         candidates.append(cand)
     if candidates:
+        from tfbackend.inspect.fxtrace import downstream_linears
+
+        for cand in candidates:
+            pieces = cand.get("linears") or [cand.get(k) for k in ("q", "k", "v", "gate", "up")]
+            cand["downstream"] = downstream_linears(graph, module, [p for p in pieces if p])
         return {"fuser": candidates[0]["fuser"], "candidates": candidates}
     reason = "; ".join(refused) or "no q/k/v, packed qkv, gate/up or sibling linears"
     if not refused and (groups := fx_match.sibling_groups(graph, module)) > 1:

@@ -252,6 +252,25 @@ def upstream_linear(node: object, module: nn.Module) -> fx.Node | None:
     return None
 
 
+def downstream_linears(graph: fx.Graph, module: nn.Module, names: list[str]) -> list[str]:
+    """The nearest linear children fed by the outputs of linears `names` (through ops, norms and
+    the attention call): where a column-split projection's per-rank slices go next."""
+    starts = [n for n in graph.nodes if is_linear(n, module) and str(n.target) in names]
+    found: list[str] = []
+    stack, seen = [u for n in starts for u in n.users], set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if is_linear(node, module):
+            if str(node.target) not in names and str(node.target) not in found:
+                found.append(str(node.target))
+            continue  # a linear re-forms the activation: stop there
+        stack.extend(node.users)
+    return found
+
+
 def returned_linear(graph: fx.Graph, module: nn.Module) -> str | None:
     """The linear producing the forward's (first) returned value; None on a partial trace."""
     output = next((n for n in graph.nodes if n.op == "output"), None)

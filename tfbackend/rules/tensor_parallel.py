@@ -404,3 +404,78 @@ def conv1d_attention(ctx, r):
             f"while each rank serves heads / {ctx.tp}: wrong output",
             modules=convs[:16],
         )
+
+
+_SPLIT = ("QKVParallelLinear", "MergedColumnParallelLinear")
+
+
+def _split_consumers(ctx):
+    """(fused entry, consumer qualname, consumer target) for every linear fed by the per-rank
+    slices of a column-split fused projection, read from the module's FX dataflow."""
+    facts = {m.qualname: m for m in ctx.facts.modules}
+    for e in ctx.plan.entries:
+        if e.target not in _SPLIT or len(e.sources) < 2:
+            continue
+        parent = e.qualname.rpartition(".")[0]
+        m = facts.get(parent)
+        fusion = (m.attrs.get("fusion") or {}) if m else {}
+        pieces = {s.rpartition(".")[2] for s in e.sources}
+        for cand in fusion.get("candidates") or []:
+            named = cand.get("linears") or [cand.get(k) for k in ("q", "k", "v", "gate", "up")]
+            if {n for n in named if n} != pieces:
+                continue
+            downstream = cand.get("downstream") or []
+            for name in downstream:
+                consumer = ctx.plan.entry_for(f"{parent}.{name}")
+                if consumer is not None:
+                    yield e, consumer.qualname, consumer.target, True
+            if not downstream:
+                # The trace stops before the slices are used (a branch on the cache): every
+                # replicated sibling computes full-width beside them, which is wrong either way.
+                for m2 in ctx.facts.modules:
+                    if m2.kind == "linear" and m2.qualname.rpartition(".")[0] == parent:
+                        sib = ctx.plan.entry_for(m2.qualname)
+                        if sib is not None and sib.target == "ReplicatedLinear":
+                            yield e, sib.qualname, sib.target, False
+            break
+
+
+@rule(
+    "TFB213",
+    "A column-split projection feeds a linear that is not row-parallel",
+    Severity.ERROR,
+    rationale="""
+vLLM's fusers turn sibling linears (q/k/v, gate/up, or any group reading one input) into one
+QKVParallelLinear or MergedColumnParallelLinear and rewrite the forward to split its output by
+`output_sizes / tp`: each rank then holds only its slice of every piece. Only a RowParallelLinear
+consumes such slices correctly (it all-reduces the partial products). vLLM makes the consumer
+row-parallel only when its fuser recognises it (the o_proj of q/k/v, the down projection of a GLU)
+or a tp_plan says so; without a tp_plan any other consumer stays ReplicatedLinear and multiplies a
+slice by the full weight. vLLM 0.32 builds such a model and its forward does not raise on CPU: the
+logits are wrong (measured in reports/parity.md: BitNet's down_proj behind ffn_sub_norm, AFMoE's
+o_proj behind its gated q/k/v/gate merge, BioGPT's out_proj behind a merged k/v). On GPU the
+shapes disagree and the matmul raises.
+""",
+    fix="serve with tp=1, or add base_model_tp_plan keys that make the consumer rowwise "
+    "(and the pieces colwise)",
+)
+def split_into_replicated(ctx, r):
+    if ctx.tp <= 1:
+        return
+    bad: dict[str, tuple[str, str, bool]] = {}
+    for fused, consumer, target, traced in _split_consumers(ctx):
+        if target != "RowParallelLinear":
+            bad.setdefault(consumer, (fused.qualname, target, traced))
+    if not bad:
+        return
+    shown = {}
+    for c, (f, t, traced) in bad.items():
+        how = "reads the per-rank slices of" if traced else "is replicated beside the slices of"
+        shown.setdefault(f"{c.rsplit('.', 1)[-1]} ({t}) {how} {f.rsplit('.', 1)[-1]}", c)
+    untraced = not all(traced for _, _, traced in bad.values())
+    yield r.finding(
+        f"{len(bad)} linear(s) meet a 1/{ctx.tp} slice of a split projection but are not "
+        f"row-parallel: {'; '.join(list(shown)[:3])}: wrong logits at tp={ctx.tp}"
+        + (" (the forward's trace stops before the slices are used)" if untraced else ""),
+        modules=sorted(bad)[:16],
+    )

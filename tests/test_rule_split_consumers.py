@@ -1,0 +1,44 @@
+"""TFB213: a column-split fused projection whose slices reach a linear that is not row-parallel.
+
+Each case is a false PASS that vLLM's real forward exposed (reports/parity.md): vLLM 0.32 builds
+and runs these at tp 2 on CPU and computes other logits than transformers; at tp 1 they match.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tfbackend.check import CheckOptions, check
+from tfbackend.parity.tiny import make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("split")
+    return {m: make_tiny_model(m, root / m) for m in ("bitnet", "afmoe", "biogpt", "llama")}
+
+
+def _tfb213(folder, tp):
+    report = check(str(folder), CheckOptions(tp=tp))
+    return [f for f in report.findings if f.rule_id == "TFB213"]
+
+
+@pytest.mark.parametrize(
+    "model_type,consumer",
+    [("bitnet", "down_proj"), ("afmoe", "o_proj"), ("biogpt", "out_proj")],
+)
+def test_slices_into_a_replicated_linear_fail_at_tp2(folders, model_type, consumer):
+    (found,) = _tfb213(folders[model_type], 2)
+    assert found.severity.value == "error"
+    assert consumer in found.message
+    assert any(m.endswith(consumer) for m in found.modules)
+
+
+@pytest.mark.parametrize("model_type", ["bitnet", "afmoe", "biogpt"])
+def test_nothing_is_split_at_tp1(folders, model_type):
+    assert _tfb213(folders[model_type], 1) == []
+
+
+def test_row_parallel_consumers_are_fine(folders):
+    # Llama: q/k/v into o_proj and gate/up into down_proj, both made row-parallel by the plan.
+    assert _tfb213(folders["llama"], 2) == []
