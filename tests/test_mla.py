@@ -260,3 +260,17 @@ def test_tiny_minicpm3_plan_agrees_with_vllms_own_build_at_tp2(tmp_path):
     built = {m["qualname"]: m for m in build.ranks[1]["modules"]}
     assert built[f"{ATTN}.attn"]["class_name"] == "MLAAttention"
     assert agreement.compared > 30
+
+
+@pytest.mark.parametrize("model_type,fails", [("minicpm3", True), ("deepseek_v3", False)])
+def test_mla_of_a_model_type_vllm_does_not_read_as_mla_fails(model_type, fails, tmp_path):
+    # vLLM 0.32's forward raised "Head dimension 64 is not supported by MLA" for MiniCPM3 and
+    # AXK2 (reports/parity.md): their model_type is not in is_deepseek_mla.
+    from tfbackend.check import CheckOptions, check
+    from tfbackend.parity.tiny import make_tiny_model
+
+    report = check(str(make_tiny_model(model_type, tmp_path / model_type)), CheckOptions(tp=1))
+    errors = [f for f in report.findings if f.rule_id == "TFB405" and f.severity.value == "error"]
+    assert bool(errors) is fails
+    if fails:
+        assert "is not supported by MLA" in errors[0].message

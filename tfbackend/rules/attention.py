@@ -174,11 +174,34 @@ def mla(ctx, r):
         )
 
 
+# vLLM 0.32 transformers_utils/model_arch_config_convertor.py is_deepseek_mla: the model types
+# whose head size it takes as kv_lora_rank + qk_rope_head_dim (and whose MLA metadata accepts it).
+DEEPSEEK_MLA_TYPES = frozenset({
+    "axk1", "deepseek_v2", "deepseek_v3", "deepseek_v32", "deepseek_v4", "deepseek_v41",
+    "dots3_note", "deepseek_mtp", "k3_dspark", "glm5_next", "glm5_next_text", "glm_moe_dsa",
+    "glm4_moe_lite", "glm4_moe_lite_mtp", "kimi_k2", "kimi_linear", "longcat_flash",
+    "pangu_ultra_moe", "pangu_ultra_moe_mtp", "bailing_hybrid", "bailing_hybrid_mtp",
+    "bailing_hybrid_v3_mtp", "hy_v4", "hy_v4_mtp",
+})  # fmt: skip
+
+
 def _mla_on_fuser_era(ctx, r, what: str):
     """What the plan says vLLM 0.32 builds: every layer MLAAttention, none, or a mix it refuses."""
     layers = [a for a in ctx.plan.attention if a.qualname]
     latent = [a.layer_idx for a in layers if a.mla]
     if latent and len(latent) == len(layers):
+        model_type = ctx.facts.config.model_type
+        if model_type not in DEEPSEEK_MLA_TYPES:
+            yield r.finding(
+                f"{what}: MLAAttention serves every layer, but vLLM reads model_type "
+                f"{model_type!r} as not MLA (is_deepseek_mla) and sizes attention from head_dim "
+                f'({ctx.facts.config.head_dim}); its MLA metadata then raises "Head dimension '
+                f'{ctx.facts.config.head_dim} is not supported by MLA" in the first forward',
+                severity=Severity.ERROR,
+                fix="serve with vLLM's native implementation of the architecture, or ask vLLM "
+                "to add the model_type to ModelArchConfigConvertor.is_deepseek_mla",
+            )
+            return
         yield r.finding(f"{what}: served by MLAAttention ({len(latent)} layers)")
     elif latent:
         full = [a.layer_idx for a in layers if not a.mla]

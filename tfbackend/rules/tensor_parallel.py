@@ -416,6 +416,8 @@ def _split_consumers(ctx):
     for e in ctx.plan.entries:
         if e.target not in _SPLIT or len(e.sources) < 2:
             continue
+        if not any(p.shard_dim is not None for p in e.params):
+            continue  # built whole on every rank (MLA's fused_qkv_a_proj: disable_tp)
         parent = e.qualname.rpartition(".")[0]
         m = facts.get(parent)
         fusion = (m.attrs.get("fusion") or {}) if m else {}
