@@ -129,6 +129,18 @@ def config_facts(config: Any, text: Any) -> ConfigFacts:
         value = get(text, name)
         if value is not None and isinstance(value, (int, float, str, bool, list)):
             raw[name] = value
+    section = next(
+        (
+            found
+            for c in (text, config)
+            if (
+                found := _mrope_section({k: get(c, k) for k in ("rope_parameters", "rope_scaling")})
+            )
+        ),
+        None,
+    )
+    if section is not None:
+        raw["mrope_section"] = section
     subs = []
     if config is not text:
         for key, value in vars(config).items():
@@ -352,6 +364,21 @@ def walk(model: Any, config: Any, text: Any, source: SourceInfo) -> ModelFacts:
         modules=modules,
         versions=versions(),
     )
+
+
+def _mrope_section(raw: dict) -> list | None:
+    """vLLM's `_mrope_section` (transformers_utils/config.py): an mrope/xdrope section list in
+    the rope parameters, flat or per layer type."""
+    for key in ("rope_parameters", "rope_scaling"):
+        params = raw.get(key)
+        if not isinstance(params, dict):
+            continue
+        nested = [v for v in params.values() if isinstance(v, dict)]
+        for p in [params, *nested]:
+            for name in ("mrope_section", "xdrope_section"):
+                if isinstance(p.get(name), (list, tuple)):
+                    return list(p[name])
+    return None
 
 
 def _persistent_buffers(module: Any) -> dict[str, list[int]]:

@@ -12,6 +12,7 @@ EXAMPLES: dict[str, str] = {
     "TFB109": "bart, mamba: BartDecoder.forward and MambaModel.forward take no position_ids",
     "TFB110": "emu3's text config (Emu3TextConfig) saved alone: AutoModel has no mapping for it",
     "TFB111": "deepseek_v32: vLLM 0.32 reads it as DeepseekV3Config (no indexer)",
+    "TFB112": "cohere_compass_text: rope_parameters with mrope_section, text-only",
     "TFB108": "gemma3 (vision_config), qwen2_5_omni (audio and vision towers)",
     "TFB201": "gpt2 at --tp 2: no base_model_tp_plan",
     "TFB202": "deepseek_v3 at --tp 8: 'packed_colwise' experts style",

@@ -316,3 +316,28 @@ def towers(ctx, r):
             f"{ctx.facts.config.model_type} carries {', '.join(subs)}: towers are not checked",
             towers=subs,
         )
+
+
+@rule(
+    "TFB112",
+    "M-RoPE in a text-only model",
+    Severity.ERROR,
+    rationale="""
+vLLM reads a config whose rope parameters carry `mrope_section` as M-RoPE (`uses_mrope`) and its
+model runner then asserts that the model implements SupportsMRoPE. In vLLM 0.32's Transformers
+backend only the multimodal class does; a text-only causal LM with M-RoPE raises
+`AssertionError: M-RoPE support is not implemented.` in its first forward (Cohere Compass text in
+reports/parity.md).
+""",
+    fix="serve the multimodal checkpoint (its outer config), or one whose rope parameters have "
+    "no mrope_section",
+)
+def mrope_text_only(ctx, r):
+    cfg = ctx.facts.config
+    section = cfg.raw.get("mrope_section")
+    if section is not None and not cfg.is_multimodal:
+        yield r.finding(
+            f"{cfg.model_type} declares mrope_section {section} but is served as a text-only "
+            'causal LM: vLLM raises "M-RoPE support is not implemented." in the first forward',
+            mrope_section=section,
+        )

@@ -1,4 +1,4 @@
-"""TFB213: a column-split fused projection whose slices reach a linear that is not row-parallel.
+"""Rules that vLLM's real forward showed were missing (reports/parity.md): TFB213, TFB112.
 
 Each case is a false PASS that vLLM's real forward exposed (reports/parity.md): vLLM 0.32 builds
 and runs these at tp 2 on CPU and computes other logits than transformers; at tp 1 they match.
@@ -42,3 +42,17 @@ def test_nothing_is_split_at_tp1(folders, model_type):
 def test_row_parallel_consumers_are_fine(folders):
     # Llama: q/k/v into o_proj and gate/up into down_proj, both made row-parallel by the plan.
     assert _tfb213(folders["llama"], 2) == []
+
+
+def test_mrope_in_a_text_only_model_is_an_error(tmp_path):
+    # TFB112: vLLM's runner asserts SupportsMRoPE, which only its multimodal class implements
+    # (Cohere Compass text raised "M-RoPE support is not implemented." in reports/parity.md).
+    folder = make_tiny_model("cohere_compass_text", tmp_path / "ccx")
+    report = check(str(folder), CheckOptions(tp=1))
+    (found,) = [f for f in report.findings if f.rule_id == "TFB112"]
+    assert found.severity.value == "error" and found.data["mrope_section"]
+
+
+def test_no_mrope_no_tfb112(folders):
+    report = check(str(folders["llama"]), CheckOptions(tp=1))
+    assert not [f for f in report.findings if f.rule_id == "TFB112"]
