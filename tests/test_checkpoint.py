@@ -343,7 +343,9 @@ def test_persistent_buffers_in_the_checkpoint_load_like_parameters(model_type, t
 def test_a_scalar_tensor_is_read_whole_by_the_rank_reader(tmp_path):
     from tfbackend.parity.weights import CheckpointReader
 
-    save_file({"beta": torch.tensor(0.5), "w": torch.ones(4, 2)}, str(tmp_path / "model.safetensors"))
+    save_file(
+        {"beta": torch.tensor(0.5), "w": torch.ones(4, 2)}, str(tmp_path / "model.safetensors")
+    )
     reader = CheckpointReader(tmp_path)
     try:
         assert reader.read("beta").item() == 0.5
