@@ -1,4 +1,4 @@
-"""Rules that vLLM's real forward showed were missing (reports/parity.md): TFB213, TFB112.
+"""Rules that vLLM's real forward showed were missing (reports/parity.md): TFB213, TFB112, TFB214.
 
 Each case is a false PASS that vLLM's real forward exposed (reports/parity.md): vLLM 0.32 builds
 and runs these at tp 2 on CPU and computes other logits than transformers; at tp 1 they match.
@@ -56,3 +56,20 @@ def test_mrope_in_a_text_only_model_is_an_error(tmp_path):
 def test_no_mrope_no_tfb112(folders):
     report = check(str(folders["llama"]), CheckOptions(tp=1))
     assert not [f for f in report.findings if f.rule_id == "TFB112"]
+
+
+@pytest.mark.parametrize("model_type,attr", [("stablelm", "num_heads"), ("opt", "num_heads")])
+def test_reshaping_by_the_whole_head_count_fails_at_tp2(model_type, attr, tmp_path):
+    # TFB214: StableLM's view raised and OPT's folded the sequence in vLLM's forward at tp 2.
+    folder = make_tiny_model(model_type, tmp_path / model_type)
+    (found,) = [f for f in check(str(folder), CheckOptions(tp=2)).findings if f.rule_id == "TFB214"]
+    assert found.severity.value == "error" and attr in found.data["attributes"]
+    assert not [f for f in check(str(folder), CheckOptions(tp=1)).findings if f.rule_id == "TFB214"]
+
+
+def test_a_head_dim_only_view_is_fine(folders):
+    assert not [
+        f
+        for f in check(str(folders["llama"]), CheckOptions(tp=2)).findings
+        if f.rule_id == "TFB214"
+    ]

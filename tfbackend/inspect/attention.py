@@ -56,3 +56,46 @@ def looks_like_attention(cls: type) -> bool:
     """A class named like attention, for modules that compute it without the interface."""
     name = cls.__name__
     return name.endswith(("Attention", "Attn", "SelfAttention")) or name.endswith("Attention2")
+
+
+# Attributes holding the config's (whole-model) head counts. vLLM never rescales them per rank.
+HEAD_COUNT_ATTRS = frozenset({
+    "num_heads", "num_attention_heads", "num_key_value_heads", "num_kv_heads", "n_head",
+    "n_heads", "n_kv_heads", "num_attention_groups",
+})  # fmt: skip
+
+
+@cache
+def head_count_reshapes(cls: type) -> tuple[str, ...]:
+    """`self.<head count>` attributes `cls.forward` (or a helper method it owns) passes to
+    `.view`/`.reshape`: a shape built from the whole model's head count, where a rank at tp > 1
+    holds only heads / tp of them."""
+    found: list[str] = []
+    for name in ("forward", "_split_heads", "split_heads", "_shape", "_merge_heads"):
+        fn = cls.__dict__.get(name) or getattr(cls, name, None)
+        if fn is None:
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(inspect.unwrap(fn))))
+        except (OSError, SyntaxError, TypeError):
+            continue
+        for node in ast.walk(tree):
+            if not (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("view", "reshape")
+            ):
+                continue
+            args = [
+                a for arg in node.args for a in (arg.elts if isinstance(arg, ast.Tuple) else [arg])
+            ]
+            for a in args:
+                if (
+                    isinstance(a, ast.Attribute)
+                    and isinstance(a.value, ast.Name)
+                    and a.value.id == "self"
+                    and a.attr in HEAD_COUNT_ATTRS
+                    and a.attr not in found
+                ):
+                    found.append(a.attr)
+    return tuple(found)

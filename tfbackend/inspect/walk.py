@@ -332,6 +332,8 @@ def walk(model: Any, config: Any, text: Any, source: SourceInfo) -> ModelFacts:
                     "s_aux": call.s_aux if call else None,
                     "sinks_shape": _sinks_shape(module, call),
                 }
+                if reshapes := attn.head_count_reshapes(cls):
+                    fact.attrs["head_count_reshapes"] = list(reshapes)
         if fact.kind in (OTHER, ATTENTION) and (fusion := fusion_fact(module)) is not None:
             fact.attrs["fusion"] = fusion
         if fact.kind in (OTHER, ATTENTION) and (mla := mla_fact(module)) is not None:

@@ -481,3 +481,37 @@ def split_into_replicated(ctx, r):
         + (" (the forward's trace stops before the slices are used)" if untraced else ""),
         modules=sorted(bad)[:16],
     )
+
+
+@rule(
+    "TFB214",
+    "Attention reshapes by the whole model's head count",
+    Severity.ERROR,
+    rationale="""
+At tp > 1 each rank's q/k/v projections produce heads / tp heads, but vLLM's Transformers
+backend leaves the attention module's attributes as the config set them. A forward that reshapes
+with `self.num_heads` (or `num_key_value_heads`, `n_head`, …) asks for every head of the model:
+the view raises (`shape '[1, 66, 4, 32]' is invalid for input of size 4224`, StableLM), or, with
+a `-1` beside it, silently folds the sequence (OPT, Persimmon: vLLM 0.32 on CPU then crashes
+in attention). Forwards written as `view(*input_shape, -1, self.head_dim)` are unaffected.
+""",
+    fix="serve with tp=1, or with vLLM's native implementation of the architecture",
+)
+def head_count_reshape(ctx, r):
+    if ctx.tp <= 1:
+        return
+    hits = {
+        m.qualname: m.attrs["head_count_reshapes"]
+        for m in ctx.facts.modules
+        if m.kind == "attention" and m.attrs.get("head_count_reshapes")
+    }
+    if hits:
+        attrs = sorted({a for v in hits.values() for a in v})
+        classes = sorted({m.class_name for m in ctx.facts.modules if m.qualname in hits})
+        yield r.finding(
+            f"{len(hits)} attention module(s) ({', '.join(classes)}) reshape by "
+            f"{', '.join('self.' + a for a in attrs)}, the whole model's head count, while each "
+            f"rank holds heads / {ctx.tp}: the forward raises or computes garbage",
+            modules=sorted(hits)[:16],
+            attributes=attrs,
+        )
