@@ -1,6 +1,6 @@
 """Prompt logprobs from vLLM's real engine on CPU, one model per process (tests run it as a script).
 
-Usage: python tests/_vllm_logprobs.py MODEL_DIR OUT_JSON TP [sharded_state]
+Usage: python tests/_vllm_logprobs.py MODEL_DIR OUT_JSON TP PP [sharded_state]
 Always shuts the engine down, so no engine-core or worker process outlives the call.
 """
 
@@ -13,7 +13,7 @@ import sys
 PROMPTS = [[1, 17, 42, 99, 7, 256, 3, 11, 64, 200], [5, 6, 7, 8, 9, 10, 250, 251, 2, 120, 33, 77]]
 
 
-def main(model: str, out: str, tp: int, load_format: str | None) -> None:
+def main(model: str, out: str, tp: int, pp: int, load_format: str | None) -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
@@ -26,6 +26,7 @@ def main(model: str, out: str, tp: int, load_format: str | None) -> None:
     llm = LLM(
         model=model,
         tensor_parallel_size=tp,
+        pipeline_parallel_size=pp,
         model_impl="transformers",
         dtype="float32",
         enforce_eager=True,
@@ -50,4 +51,7 @@ def main(model: str, out: str, tp: int, load_format: str | None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else None)
+    main(
+        sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]),
+        sys.argv[5] if len(sys.argv) > 5 else None,
+    )  # fmt: skip

@@ -191,16 +191,17 @@ def _write(
 ) -> tuple[ConvertManifest, int]:
     from tfbackend.convert.files import copy_files, files_to_copy
     from tfbackend.convert.manifest import write_manifest
+    from tfbackend.convert.reader import SourceReader
     from tfbackend.convert.shards import split_parts
     from tfbackend.convert.staging import staged
-    from tfbackend.convert.writer import CheckpointSlices, write_stage
+    from tfbackend.convert.writer import write_stage
     from tfbackend.inspect.checkpoint import read_local
 
     headers = read_local(source_dir)
     parts = {(r.pp_rank, r.tp_rank): split_parts(r, layout.pp, max_bytes) for r in layout.ranks}
     progress.phase("write")
     progress.start_writing(layout.nbytes)
-    reader = CheckpointSlices(source_dir, {n: t.file for n, t in headers.tensors.items()})
+    reader = SourceReader(source_dir, {n: t.file for n, t in headers.tensors.items()})
     written = []
     try:
         with staged(out) as stage:

@@ -323,6 +323,10 @@ class _RankState:
             return
         name = m.ckpt.key(f"{router.qualname}.{ROUTER_BIAS}", "the router's score correction")
         names = m.names(router.qualname, ROUTER_BIAS) | (more or set())
+        block = router.qualname.rsplit(".", 1)[0]
+        for e in m.primary:  # FusedMoE keeps the same tensor (routed_experts.py)
+            if e.target == "TransformersRoutedExperts" and e.sources[0].startswith(block + "."):
+                names.add(f"{e.qualname}.{ROUTER_BIAS}")
         piece = Piece(name, whole(list(shape)))
         dtype = m.param_dtype([name], names, False)
         self.add((router.qualname, ROUTER_BIAS), names, shape, [piece], dtype, router.qualname,

@@ -1,53 +1,34 @@
 """Stream the layout into safetensors files: each piece read once, cast, written, forgotten.
 
 Every tensor's shape and dtype is known before a byte is read, so each file's header is written
-first and its data follows in header order; memory holds one piece at a time (a slice of one
-checkpoint tensor), never a rank's state dict. The tp ranks of a stage advance tensor by tensor
-together, so the slices of one checkpoint tensor are read back to back (its pages read from disk
-once, whatever the split dimension). Each file's sha256 is computed as it is written.
+first and its data follows in header order. The tp ranks of a stage advance tensor by tensor
+together, so the slices of one checkpoint tensor are read back to back. Two buffers take turns:
+while one thread writes and hashes (sha256) a piece, the caller reads the next into the other,
+so memory holds two pieces (each at most a rank's slice of one tensor), never a state dict.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
+import queue
 import struct
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from tfbackend.convert.layout import OutTensor, Piece, RankLayout, dtype_bytes
+from tfbackend.convert.layout import OutTensor, RankLayout
+from tfbackend.convert.reader import TORCH_DTYPES, SourceReader
 from tfbackend.convert.shards import Part
-from tfbackend.errors import CheckpointError
 
-TORCH_DTYPES = {
-    "float64": torch.float64,
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "int16": torch.int16,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
-}
 SAFETENSORS_DTYPES = {
-    "float64": "F64",
-    "float32": "F32",
-    "bfloat16": "BF16",
-    "float16": "F16",
-    "int64": "I64",
-    "int32": "I32",
-    "int16": "I16",
-    "int8": "I8",
-    "uint8": "U8",
-    "bool": "BOOL",
-}
+    "float64": "F64", "float32": "F32", "bfloat16": "BF16", "float16": "F16", "int64": "I64",
+    "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+}  # fmt: skip
+_MAX_WRITE = 1 << 30  # one write() call moves at most ~2 GiB on Linux
 
 
 @dataclass
@@ -63,38 +44,40 @@ def header_bytes(tensors: list[OutTensor]) -> bytes:
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for t in tensors:
-        size = t.numel * dtype_bytes(t.dtype)
         header[t.name] = {
             "dtype": SAFETENSORS_DTYPES[t.dtype],
             "shape": list(t.shape),
-            "data_offsets": [offset, offset + size],
+            "data_offsets": [offset, offset + t.nbytes],
         }
-        offset += size
+        offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     return struct.pack("<Q", len(raw)) + raw
 
 
-class _FileWriter:
+class _File:
+    """One output file, written sequentially and hashed as written (on the sink's thread)."""
+
     def __init__(self, path: Path, tensors: list[OutTensor]):
-        self.path = path
-        self.tensors = len(tensors)
-        self.expected = sum(t.numel * dtype_bytes(t.dtype) for t in tensors)
+        self.path, self.tensors = path, len(tensors)
+        self.expected = sum(t.nbytes for t in tensors)
         self.sha = hashlib.sha256()
-        self.fh = path.open("wb")
-        head = header_bytes(tensors)
-        self.size = 0
-        self._write(head)
-        self.data = 0
+        self.fh = path.open("wb", buffering=0)
+        self.size = self.data = 0
+        self._write(memoryview(header_bytes(tensors)))
 
-    def _write(self, data) -> None:
-        self.fh.write(data)
-        self.sha.update(data)
-        self.size += len(data)
+    def _write(self, view: memoryview) -> None:
+        for start in range(0, len(view), _MAX_WRITE):
+            chunk = view[start : start + _MAX_WRITE]
+            done = 0
+            while done < len(chunk):
+                done += self.fh.write(chunk[done:])
+        self.sha.update(view)
+        self.size += len(view)
 
-    def write(self, data) -> None:
-        self._write(data)
-        self.data += len(data)
+    def write(self, view: memoryview) -> None:
+        self._write(view)
+        self.data += len(view)
 
     def close(self) -> WrittenFile:
         self.fh.close()
@@ -103,96 +86,118 @@ class _FileWriter:
         return WrittenFile(self.path.name, self.size, self.sha.hexdigest(), self.tensors)
 
 
-class CheckpointSlices:
-    """Sliced reads from the source's safetensors files (`safe_open(...).get_slice`)."""
+class _Sink:
+    """A thread running file operations in submission order; errors surface in the caller."""
 
-    def __init__(self, folder: Path, file_of: dict[str, str]):
-        self.folder = folder
-        self.file_of = file_of
-        self._stack = contextlib.ExitStack()
-        self._handles: dict[str, object] = {}
-        self.bytes_read = 0
+    def __init__(self, buffers: int = 2):
+        self.tasks: queue.Queue = queue.Queue(maxsize=1)
+        self.free: queue.Queue = queue.Queue()
+        for _ in range(buffers):
+            self.free.put(torch.empty(0, dtype=torch.uint8))
+        self.done: list[WrittenFile] = []
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="tfbackend-convert-writer")
+        self.thread.daemon = True
+        self.thread.start()
 
-    def close(self) -> None:
-        self._stack.close()
-
-    def read(self, piece: Piece) -> torch.Tensor:
-        if piece.source is None:
-            return torch.full((piece.fill_numel,), piece.fill)
-        fname = self.file_of[piece.source]
-        handle = self._handles.get(fname)
-        if handle is None:
+    def _run(self) -> None:
+        while (task := self.tasks.get()) is not None:
+            fn, release = task
             try:
-                handle = self._stack.enter_context(safe_open(str(self.folder / fname), "pt"))
-            except Exception as exc:  # safetensors raises its own SafetensorError
-                raise CheckpointError(f"{self.folder / fname}: cannot be read ({exc})") from exc
-            self._handles[fname] = handle
-        sl = handle.get_slice(piece.source)
-        t = sl[tuple(slice(a, b) for a, b in piece.select)] if piece.select else sl[:]
-        self.bytes_read += t.numel() * t.element_size()
-        return t
+                if self.error is None:
+                    fn()
+            except BaseException as exc:  # handed to the caller's thread
+                self.error = exc
+            finally:
+                if release is not None:
+                    release()
 
+    def submit(self, fn, release=None) -> None:
+        if self.error is not None:
+            if release is not None:
+                release()
+            raise self.error
+        self.tasks.put((fn, release))
 
-def _as_bytes(t: torch.Tensor, dtype: str):
-    t = t.to(TORCH_DTYPES[dtype]).contiguous().reshape(-1)
-    return t.view(torch.uint8).numpy().data
+    def buffer(self, nbytes: int) -> torch.Tensor:
+        buf = self.free.get()
+        return buf if buf.numel() >= nbytes else torch.empty(nbytes, dtype=torch.uint8)
+
+    def write(self, file: _File, buf: torch.Tensor, nbytes: int) -> None:
+        # the buffer goes back to the caller once written, or once the sink gave up
+        self.submit(
+            lambda: file.write(memoryview(buf.numpy())[:nbytes]), lambda: self.free.put(buf)
+        )
+
+    def close(self, file: _File) -> None:
+        self.submit(lambda: self.done.append(file.close()))
+
+    def finish(self) -> None:
+        self.tasks.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
 
 
 def write_stage(
     ranks: list[RankLayout],
     parts: dict[int, list[Part]],
     folder: Path,
-    reader: CheckpointSlices,
+    reader: SourceReader,
     on_bytes: Callable[[int], None] = lambda n: None,
 ) -> list[WrittenFile]:
     """Write the files of one pipeline stage's tp ranks, advancing them tensor by tensor."""
-    cursors = [_RankCursor(rank, parts[i], folder) for i, rank in enumerate(ranks)]
-    written: list[WrittenFile] = []
+    sink = _Sink()
+    cursors = [_RankCursor(rank, parts[i], folder, sink) for i, rank in enumerate(ranks)]
     try:
-        longest = max((len(r.tensors) for r in ranks), default=0)
-        for i in range(longest):
+        for i in range(max((len(r.tensors) for r in ranks), default=0)):
             for cursor in cursors:
                 if i < len(cursor.rank.tensors):
-                    written.extend(cursor.write_tensor(i, reader, on_bytes))
+                    cursor.write_tensor(i, reader, on_bytes)
         for cursor in cursors:
-            written.extend(cursor.finish())
+            cursor.finish()
     finally:
-        for cursor in cursors:
-            cursor.abort()
-    return written
+        try:
+            sink.finish()
+        finally:
+            for cursor in cursors:
+                cursor.abort()
+    return sink.done
 
 
 class _RankCursor:
     """One rank's files: the part being written and where the next part starts."""
 
-    def __init__(self, rank: RankLayout, parts: list[Part], folder: Path):
-        self.rank, self.parts, self.folder = rank, parts, folder
+    def __init__(self, rank: RankLayout, parts: list[Part], folder: Path, sink: _Sink):
+        self.rank, self.parts, self.folder, self.sink = rank, parts, folder, sink
         self.part_index = -1
-        self.current: _FileWriter | None = None
+        self.current: _File | None = None
         self.ends_at = 0  # index of the first tensor past the current part
 
-    def write_tensor(self, i: int, reader: CheckpointSlices, on_bytes) -> list[WrittenFile]:
-        done = []
+    def write_tensor(self, i: int, reader: SourceReader, on_bytes) -> None:
         if self.current is None or i >= self.ends_at:
             if self.current is not None:
-                done.append(self.current.close())
+                self.sink.close(self.current)
             self.part_index += 1
             part = self.parts[self.part_index]
-            self.current = _FileWriter(self.folder / part.file_name, part.tensors)
+            self.current = _File(self.folder / part.file_name, part.tensors)
             self.ends_at = i + len(part.tensors)
         t = self.rank.tensors[i]
+        dtype = TORCH_DTYPES[t.dtype]
+        itemsize = torch.empty((), dtype=dtype).element_size()
         for piece in t.pieces:
-            data = _as_bytes(reader.read(piece), t.dtype)
-            self.current.write(data)
-            on_bytes(len(data))
-        return done
+            nbytes = piece.numel * itemsize
+            if not nbytes:
+                continue
+            buf = self.sink.buffer(nbytes)
+            reader.read_into(piece, buf[:nbytes].view(dtype))
+            self.sink.write(self.current, buf, nbytes)
+            on_bytes(nbytes)
 
-    def finish(self) -> list[WrittenFile]:
-        if self.current is None:
-            return []
-        out = [self.current.close()]
-        self.current = None
-        return out
+    def finish(self) -> None:
+        if self.current is not None:
+            self.sink.close(self.current)
+            self.current = None
 
     def abort(self) -> None:
         if self.current is not None:
