@@ -1,6 +1,7 @@
 """Prompt logprobs from vLLM's real engine on CPU, one model per process (tests run it as a script).
 
 Usage: python tests/_vllm_logprobs.py MODEL_DIR OUT_JSON TP PP [sharded_state]
+OUT_JSON "-": only load the model (every rank's weights), generate nothing.
 Always shuts the engine down, so no engine-core or worker process outlives the call.
 """
 
@@ -36,6 +37,8 @@ def main(model: str, out: str, tp: int, pp: int, load_format: str | None) -> Non
         **kwargs,
     )
     try:
+        if out == "-":
+            return
         outputs = llm.generate(
             [TokensPrompt(prompt_token_ids=p) for p in PROMPTS],
             SamplingParams(max_tokens=1, prompt_logprobs=top),

@@ -283,3 +283,29 @@ def test_rank_files_open_with_safetensors_and_carry_pt_metadata(models, tmp_path
         with safe_open(str(f), "pt") as fh:
             assert fh.metadata() == {"format": "pt"}
             assert len(list(fh.keys())) > 0
+
+
+def test_a_hub_id_converts_from_the_offline_cache_and_the_manifest_names_its_commit(
+    models, tmp_path
+):
+    # A real hub cache layout, as huggingface_hub writes it
+    cache = tmp_path / "hub"
+    repo = cache / "models--acme--tiny"
+    snap = repo / "snapshots" / ("a" * 40)
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    for f in models["llama"].iterdir():
+        (snap / f.name).write_bytes(f.read_bytes())
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tfbackend", "convert", "acme/tiny", "--tp", "2", "--out", str(out),
+         "--dtype", "float32"],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    manifest = read_manifest(out)
+    assert manifest.source.kind == "hub" and manifest.source.repo_id == "acme/tiny"
+    assert manifest.source.revision == "a" * 40
+    assert manifest.source.local_dir == str(snap.resolve())

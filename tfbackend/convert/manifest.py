@@ -84,3 +84,62 @@ def read_manifest(folder: str | Path) -> ConvertManifest | None:
         raise UserError(
             f"{path} is not a manifest this tfbackend reads ({exc}): convert the model again"
         ) from None
+
+
+def manifest_for(facts, report, layout, parts, written, weights) -> ConvertManifest:
+    """The manifest of a finished conversion (`parts`: each rank's files; `written`: every file
+    with its checksum)."""
+    from tfbackend import __version__
+    from tfbackend.convert.shards import file_pattern
+    from tfbackend.replace.profiles import PROFILES
+    from tfbackend.report.findings import Severity
+
+    profile = PROFILES.get(report.profile)
+    versions = f">={profile.vllm_min}" if profile else "?"
+    if profile and profile.vllm_max:
+        versions += f",<{profile.vllm_max}"
+    sizes: dict[str, int] = {}
+    for t in weights.headers.tensors.values():
+        sizes.setdefault(t.file, (weights.folder / t.file).stat().st_size)
+    source = SourceRecord(
+        location=facts.source.location,
+        kind=facts.source.kind,
+        local_dir=str(weights.folder.resolve()),
+        repo_id=facts.source.repo_id,
+        revision=weights.revision,
+        checkpoint_files=sizes,
+    )
+    ranks = [
+        RankRecord(
+            pp_rank=r.pp_rank,
+            tp_rank=r.tp_rank,
+            files=[p.file_name for p in parts[(r.pp_rank, r.tp_rank)]],
+            tensors=len(r.tensors),
+            bytes=r.nbytes,
+        )
+        for r in layout.ranks
+    ]
+    return ConvertManifest(
+        tfbackend_version=__version__,
+        profile=report.profile,
+        vllm_versions=versions,
+        transformers_version=facts.versions.get("transformers"),
+        tp=layout.tp,
+        pp=layout.pp,
+        dtype=layout.dtype,
+        source=source,
+        llm_kwargs={
+            "load_format": "sharded_state",
+            "model_impl": "transformers",
+            "tensor_parallel_size": layout.tp,
+            "pipeline_parallel_size": layout.pp,
+            "dtype": layout.dtype,
+        },
+        file_pattern=file_pattern(layout.pp),
+        ranks=ranks,
+        files={f.name: {"bytes": f.bytes, "sha256": f.sha256} for f in written},
+        warnings=[
+            f"{f.rule_id}: {f.message}" for f in report.findings if f.severity is Severity.WARNING
+        ],
+        not_written=dict(layout.not_written),
+    )

@@ -11,10 +11,15 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tfbackend.check import CheckOptions
 from tfbackend.convert.layout import Layout
 from tfbackend.convert.manifest import ConvertManifest
+from tfbackend.inspect.checkpoint import CheckpointHeaders
+
+if TYPE_CHECKING:
+    from tfbackend.report.model import CheckReport
 
 # What a hub source downloads once `check` passed: weights, configs, tokenizers, code and
 # licences; never pickles
@@ -63,7 +68,7 @@ class ConvertOptions:
 class ConvertResult:
     model: str
     out: str
-    report: object  # the CheckReport the conversion was decided on
+    report: CheckReport  # the check the conversion was decided on
     converted: bool = False
     blockers: list[str] = field(default_factory=list)  # why it cannot be converted
     layout: Layout | None = None
@@ -116,17 +121,17 @@ def convert(model: str, options: ConvertOptions, progress: Progress | None = Non
     if report.verdict is Verdict.FAIL:
         result.blockers.append("`check` fails for this model at this tp/pp (findings above)")
         return _done(result, started)
-    source_dir, revision = _local_weights(facts.source, options, progress)
-    out = check_output(out, source_dir, options.overwrite)
+    weights = _local_weights(facts.source, options, progress)
+    out = check_output(out, weights.folder, options.overwrite)
     dtype = served_dtype(options.dtype, facts.config.dtype)
     progress.phase("layout")
-    layout = _layout(facts, report.plan, source_dir, dtype)
+    layout = _layout(facts, report.plan, weights, dtype)
     result.layout = layout
     if layout.blockers:
         result.blockers.extend(layout.blockers)
         return _done(result, started)
     result.manifest, result.bytes_read = _write(
-        facts, report, layout, source_dir, revision, out, max_bytes, progress
+        facts, report, layout, weights, out, max_bytes, progress
     )
     result.bytes_written = sum(f["bytes"] for f in result.manifest.files.values())
     result.converted = True
@@ -138,10 +143,28 @@ def _done(result: ConvertResult, started: float) -> ConvertResult:
     return result
 
 
-def _local_weights(source, options: ConvertOptions, progress: Progress) -> tuple[Path, str | None]:
+@dataclass
+class SourceWeights:
+    """The folder the safetensors are read from, its commit (hub snapshots) and headers."""
+
+    folder: Path
+    revision: str | None
+    headers: CheckpointHeaders
+
+
+def _local_weights(source, options: ConvertOptions, progress: Progress) -> SourceWeights:
     """The folder holding the safetensors (downloaded for a hub id, once `check` passed)."""
+    from tfbackend.inspect.checkpoint import read_local
+
     if source.kind == "local":
-        return Path(source.local_dir), None
+        folder, revision = Path(source.local_dir), None
+    else:
+        folder = _download(source, options, progress)
+        revision = folder.name  # snapshot folders are named by the commit they hold
+    return SourceWeights(folder, revision, read_local(folder))
+
+
+def _download(source, options: ConvertOptions, progress: Progress) -> Path:
     import os
 
     if options.offline:
@@ -154,54 +177,42 @@ def _local_weights(source, options: ConvertOptions, progress: Progress) -> tuple
     token = options.token or os.environ.get("HF_TOKEN") or None
     with hub_errors(source.repo_id, source.revision, "safetensors weights"):
         path = snapshot_download(
-            source.repo_id,
-            revision=source.revision,
-            token=token,
-            allow_patterns=list(HUB_PATTERNS),
+            source.repo_id, revision=source.revision, token=token, allow_patterns=list(HUB_PATTERNS)
         )
-    # snapshot folders are named by the commit they hold
-    return Path(path), Path(path).name
+    return Path(path)
 
 
-def _layout(facts, plan, source_dir: Path, dtype: str) -> Layout:
+def _layout(facts, plan, weights: SourceWeights, dtype: str) -> Layout:
     from tfbackend.convert.sources import index_sources
     from tfbackend.convert.state import build_layout
-    from tfbackend.inspect.checkpoint import FORMAT_SAFETENSORS, read_local
+    from tfbackend.inspect.checkpoint import FORMAT_SAFETENSORS
 
-    headers = read_local(source_dir)
+    headers = weights.headers
     if headers.format != FORMAT_SAFETENSORS:
         what = ", ".join(headers.pickle_files) or "no weight files"
         layout = Layout(tp=plan.tp, pp=plan.pp, dtype=dtype)
         layout.blockers.append(
-            f"{source_dir} has no safetensors checkpoint ({what}): convert reads safetensors only"
+            f"{weights.folder} has no safetensors checkpoint ({what}): convert reads safetensors "
+            "only"
         )
         return layout
     return build_layout(facts, plan, index_sources(headers, facts), dtype)
 
 
-def _write(
-    facts,
-    report,
-    layout: Layout,
-    source_dir: Path,
-    revision,
-    out: Path,
-    max_bytes,
-    progress: Progress,
-) -> tuple[ConvertManifest, int]:
+def _write(facts, report, layout: Layout, weights: SourceWeights, out: Path, max_bytes: int,
+           progress: Progress) -> tuple[ConvertManifest, int]:  # fmt: skip
     from tfbackend.convert.files import copy_files, files_to_copy
-    from tfbackend.convert.manifest import write_manifest
+    from tfbackend.convert.manifest import manifest_for, write_manifest
     from tfbackend.convert.reader import SourceReader
     from tfbackend.convert.shards import split_parts
     from tfbackend.convert.staging import staged
     from tfbackend.convert.writer import write_stage
-    from tfbackend.inspect.checkpoint import read_local
 
-    headers = read_local(source_dir)
     parts = {(r.pp_rank, r.tp_rank): split_parts(r, layout.pp, max_bytes) for r in layout.ranks}
     progress.phase("write")
     progress.start_writing(layout.nbytes)
-    reader = SourceReader(source_dir, {n: t.file for n, t in headers.tensors.items()})
+    files = {n: t.file for n, t in weights.headers.tensors.items()}
+    reader = SourceReader(weights.folder, files)
     written = []
     try:
         with staged(out) as stage:
@@ -209,69 +220,9 @@ def _write(
                 ranks = [r for r in layout.ranks if r.pp_rank == pp_rank]
                 stage_parts = {i: parts[(r.pp_rank, r.tp_rank)] for i, r in enumerate(ranks)}
                 written += write_stage(ranks, stage_parts, stage, reader, progress.advance)
-            written += copy_files(files_to_copy(source_dir), stage)
-            manifest = _manifest(
-                facts, report, layout, parts, written, source_dir, revision, headers
-            )
+            written += copy_files(files_to_copy(weights.folder), stage)
+            manifest = manifest_for(facts, report, layout, parts, written, weights)
             write_manifest(manifest, stage)
     finally:
         reader.close()
     return manifest, reader.bytes_read
-
-
-def _manifest(facts, report, layout, parts, written, source_dir, revision, headers):
-    from tfbackend import __version__
-    from tfbackend.convert.manifest import ConvertManifest, RankRecord, SourceRecord
-    from tfbackend.convert.shards import file_pattern
-    from tfbackend.replace.profiles import PROFILES
-    from tfbackend.report.findings import Severity
-
-    profile = PROFILES.get(report.profile)
-    versions = f">={profile.vllm_min}" if profile else "?"
-    if profile and profile.vllm_max:
-        versions += f",<{profile.vllm_max}"
-    sizes: dict[str, int] = {}
-    for t in headers.tensors.values():
-        sizes.setdefault(t.file, (source_dir / t.file).stat().st_size)
-    source = SourceRecord(
-        location=facts.source.location,
-        kind=facts.source.kind,
-        local_dir=str(source_dir.resolve()),
-        repo_id=facts.source.repo_id,
-        revision=revision,
-        checkpoint_files=sizes,
-    )
-    ranks = [
-        RankRecord(
-            pp_rank=r.pp_rank,
-            tp_rank=r.tp_rank,
-            files=[p.file_name for p in parts[(r.pp_rank, r.tp_rank)]],
-            tensors=len(r.tensors),
-            bytes=r.nbytes,
-        )
-        for r in layout.ranks
-    ]
-    return ConvertManifest(
-        tfbackend_version=__version__,
-        profile=report.profile,
-        vllm_versions=versions,
-        transformers_version=facts.versions.get("transformers"),
-        tp=layout.tp,
-        pp=layout.pp,
-        dtype=layout.dtype,
-        source=source,
-        llm_kwargs={
-            "load_format": "sharded_state",
-            "model_impl": "transformers",
-            "tensor_parallel_size": layout.tp,
-            "pipeline_parallel_size": layout.pp,
-            "dtype": layout.dtype,
-        },
-        file_pattern=file_pattern(layout.pp),
-        ranks=ranks,
-        files={f.name: {"bytes": f.bytes, "sha256": f.sha256} for f in written},
-        warnings=[
-            f"{f.rule_id}: {f.message}" for f in report.findings if f.severity is Severity.WARNING
-        ],
-        not_written=dict(layout.not_written),
-    )

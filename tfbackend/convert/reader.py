@@ -92,14 +92,12 @@ class SourceReader:
             done += n
         self.bytes_read += done
 
-    def read_into(self, piece: Piece, out: torch.Tensor) -> None:
-        """Fill `out` (1-D, the output dtype, `piece.numel` elements) with the piece."""
-        if piece.source is None:
-            out.fill_(piece.fill)
-            return
+    def _rows(self, piece: Piece) -> tuple[_Entry, int, int, int, bool]:
+        """(entry, first dim whose rows are read, byte offset, rows, dense): a piece reads rows of
+        the first dimension that selects more than one index (contiguous in the file); dense
+        when it is all of them, else a slice inside them (a column slice)."""
         e = self._entry(piece.source)
         shape, sel = e.shape, piece.select
-        # the first dimension selecting more than one index; rows of it are contiguous in the file
         j = next((i for i, (a, b) in enumerate(sel) if b - a != 1), len(sel) - 1) if sel else 0
         row = prod(shape[j + 1 :]) * e.itemsize
         lead = 0
@@ -107,14 +105,33 @@ class SourceReader:
             lead = (lead + sel[i][0]) * shape[i + 1]
         first = lead + (sel[j][0] if sel else 0)
         count = (sel[j][1] - sel[j][0]) if sel else 1
-        offset = e.start + first * row
         dense = all(b - a == d for (a, b), d in zip(sel[j + 1 :], shape[j + 1 :], strict=True))
-        nbytes = count * row
+        return e, j, e.start + first * row, count, dense
+
+    def direct(self, piece: Piece, dtype: torch.dtype) -> tuple[int, int] | None:
+        """(fd, offset) when the piece's bytes are one range of the file already in `dtype`:
+        the caller reads it in chunks straight into its own buffers (`pread`)."""
+        if piece.source is None:
+            return None
+        e, _, offset, _, dense = self._rows(piece)
+        return (e.fd, offset) if dense and TORCH_DTYPES[e.dtype] == dtype else None
+
+    def pread(self, fd: int, view: memoryview, offset: int) -> None:
+        self._pread(fd, view, offset)
+
+    def read_into(self, piece: Piece, out: torch.Tensor) -> None:
+        """Fill `out` (1-D, the output dtype, `piece.numel` elements) with the piece."""
+        if piece.source is None:
+            out.fill_(piece.fill)
+            return
+        e, j, offset, count, dense = self._rows(piece)
         if dense and TORCH_DTYPES[e.dtype] == out.dtype:
             self._pread(e.fd, memoryview(out.view(torch.uint8).numpy()), offset)
             return
-        key = (piece.source, first, count)
-        if self._region != key:
+        inner_shape = e.shape[j + 1 :]
+        nbytes = count * prod(inner_shape) * e.itemsize
+        key = (piece.source, offset, count)
+        if self._region != key:  # the next rank's slice of the same rows reuses them
             if len(self._scratch) < nbytes:
                 self._scratch = bytearray(nbytes)
             self._pread(e.fd, memoryview(self._scratch)[:nbytes], offset)
@@ -122,6 +139,6 @@ class SourceReader:
         src = torch.frombuffer(
             self._scratch, dtype=TORCH_DTYPES[e.dtype], count=nbytes // e.itemsize
         )
-        src = src.view(count, *shape[j + 1 :])
-        inner = tuple(slice(a, b) for a, b in sel[j + 1 :])
-        out.view(src[(slice(None), *inner)].shape).copy_(src[(slice(None), *inner)])
+        inner = tuple(slice(a, b) for a, b in piece.select[j + 1 :])
+        picked = src.view(count, *inner_shape)[(slice(None), *inner)]
+        out.view(picked.shape).copy_(picked)
