@@ -137,6 +137,14 @@ def test_a_moved_original_is_refused_and_named_with_original(converted, tmp_path
         find_converted(str(copy), _opts(original=str(other)))
 
 
+def test_a_manifest_that_is_not_a_regular_file_is_refused_not_read(tmp_path):
+    folder = tmp_path / "fifo"
+    folder.mkdir()
+    os.mkfifo(folder / "tfbackend-convert.json")  # reading it would block
+    with pytest.raises(UserError, match="not a regular file"):
+        find_converted(str(folder), _opts())
+
+
 def test_original_without_a_converted_folder_is_refused(converted):
     src, _ = converted["llama"]
     with pytest.raises(UserError, match="--original is for a folder"):

@@ -8,6 +8,7 @@ source checkpoint the reference model must load.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,11 +69,16 @@ def write_manifest(manifest: ConvertManifest, folder: Path) -> None:
 
 def read_manifest(folder: str | Path) -> ConvertManifest | None:
     """The manifest of a converted folder; None when the folder has none (not converted)."""
+    from tfbackend.userfiles import read_text
+
     path = Path(folder) / MANIFEST_NAME
-    if not path.is_file():
+    if not os.path.lexists(path):
         return None
+    text = read_text(path, "manifest")  # a FIFO or a huge file is refused, not read
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(text)
+        if not isinstance(raw, dict):
+            raise ValueError("not a JSON object")
         if raw.get("format") != MANIFEST_FORMAT:
             raise ValueError(f"format {raw.get('format')!r}")
         if raw.get("schema_version") != MANIFEST_SCHEMA_VERSION:
@@ -80,7 +86,7 @@ def read_manifest(folder: str | Path) -> ConvertManifest | None:
         raw["source"] = SourceRecord(**raw["source"])
         raw["ranks"] = [RankRecord(**r) for r in raw["ranks"]]
         return ConvertManifest(**raw)
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise UserError(
             f"{path} is not a manifest this tfbackend reads ({exc}): convert the model again"
         ) from None

@@ -86,6 +86,8 @@ def _differs(folder: Path, files: dict[str, int]) -> str | None:
     if not folder.is_dir():
         return f"{folder} is not a folder"
     for name, size in sorted(files.items()):
+        if Path(name).name != name:
+            return f"the manifest names a checkpoint file {name!r}"
         path = folder / name
         if not path.is_file():
             return f"no {name}"
@@ -134,6 +136,9 @@ def rank_weights(converted: Converted, facts, original_dir: str) -> dict[int, Ra
     if layout.blockers:
         raise UserError(f"{converted.folder}: {layout.blockers[0]}: {again}")
     files = {(r.pp_rank, r.tp_rank): r.files for r in m.ranks}
+    for name in (n for names in files.values() for n in names):
+        if Path(name).name != name or name.startswith("."):
+            raise UserError(f"{converted.folder}: the manifest names a file {name!r}: {again}")
     out: dict[int, RankWeights] = {}
     for rank in layout.ranks:
         where: dict[str, tuple[str, object]] = {}
