@@ -14,7 +14,9 @@ from tfbackend.cli.errors import user_errors
 @app.command()
 def run(
     model: str = typer.Argument(
-        ..., help="A local folder with config.json and safetensors, or a hub id."
+        ...,
+        help="A local folder with config.json and safetensors, a hub id, or a folder "
+        "`tfbackend convert` wrote.",
     ),
     tp: int = typer.Option(1, "--tp", help="Tensor parallel size (ranks per stage)."),
     pp: int = typer.Option(1, "--pp", help="Pipeline parallel size (stages)."),
@@ -60,6 +62,12 @@ def run(
         help="spawn (tfbackend starts one process per rank on this host) or torchrun (this "
         "process is one rank of a torchrun job, on one host or many).",
     ),
+    original: str | None = typer.Option(
+        None,
+        "--original",
+        help="For a folder `tfbackend convert` wrote: the checkpoint it was converted from, for "
+        "the reference (default: the one its manifest records).",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the JSON report only."),
     debug: bool = typer.Option(
         False, "--debug", help="Show tracebacks; keep and show the vLLM engine's log."
@@ -76,7 +84,7 @@ def run(
         prompts_file=prompts, max_prompts=max_prompts, bisect=bisect, timeout_s=timeout,
         engine=engine, offline=offline or None, trust_remote_code=trust_remote_code,
         revision=revision, token=token, reference=reference, launcher=launcher,
-        debug=debug,
+        debug=debug, original=original,
     )  # fmt: skip
     board = live_progress() if speaks(options) else contextlib.nullcontext(_silent)
     with user_errors(debug, subject=f"running {model}"), board as progress:

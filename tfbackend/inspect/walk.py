@@ -254,7 +254,6 @@ def walk(model: Any, config: Any, text: Any, source: SourceInfo) -> ModelFacts:
         cls = type(module)
         own = {n: _shape(p) for n, p in module.named_parameters(recurse=False)}
         fact = ModuleFact(qualname=qualname, class_name=cls.__name__, kind=OTHER, params=own)
-        fact.buffers = _persistent_buffers(module)
         if _is_experts(name, module):
             fact = _experts_fact(qualname, module)
             block, _, child = name.rpartition(".")
@@ -338,6 +337,7 @@ def walk(model: Any, config: Any, text: Any, source: SourceInfo) -> ModelFacts:
             fact.attrs["fusion"] = fusion
         if fact.kind in (OTHER, ATTENTION) and (mla := mla_fact(module)) is not None:
             fact.attrs["mla"] = mla
+        fact.buffers = _persistent_buffers(module)
         modules.append(fact)
 
     pp_plan = list(getattr(model, "_pp_plan", None) or {})

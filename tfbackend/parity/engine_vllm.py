@@ -92,7 +92,8 @@ def require_vllm() -> str:
     return f"{found[0]} {found[1] or '(no version)'}"
 
 
-def run_vllm(local_dir, prompts, reference, options, report, progress):
+def run_vllm(local_dir, prompts, reference, options, report, progress, load_format=None):
+    """`load_format`: "sharded_state" for a folder `tfbackend convert` wrote (parity/converted.py)."""
     from tfbackend.parity.verdict import thresholds_for
 
     report.engine_version = require_vllm()
@@ -102,6 +103,8 @@ def run_vllm(local_dir, prompts, reference, options, report, progress):
             "--bisect is not available with --engine vllm (vLLM's modules are not hooked)"
         )
     job = _job(local_dir, prompts, reference, options)
+    if load_format:
+        job["engine_args"]["load_format"] = load_format
     if not job["full"]:
         report.notes.append(
             f"vocabulary {job['vocab']} x {max(len(p) for p in job['prompts'])} positions is above "

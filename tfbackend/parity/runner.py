@@ -49,6 +49,7 @@ class RunOptions:
     launcher: str = "spawn"  # "spawn" (tfbackend starts the ranks) | "torchrun" (parity/launch.py)
     debug: bool = False  # keep the engine's logs of a failed run
     scores_out: str | None = None  # write the compared scores here (parity/scores.py)
+    original: str | None = None  # a converted folder's original checkpoint (parity/converted.py)
 
     def validate(self) -> None:
         """Every option, before anything is resolved or loaded."""
@@ -143,6 +144,9 @@ def run(model: str, options: RunOptions, progress: Progress = _noop) -> RunRepor
         if options.launcher == "torchrun":
             raise UserError("--engine vllm starts vLLM's processes itself: use --launcher spawn")
         require_vllm()
+    from tfbackend.parity.converted import find_converted
+
+    converted = find_converted(model, options)  # before minutes of resolve and reference
     if options.launcher == "torchrun":
         from tfbackend.parity.launch import run_torchrun
 
@@ -151,7 +155,14 @@ def run(model: str, options: RunOptions, progress: Progress = _noop) -> RunRepor
     phases: dict[str, float] = {}
     t = time.perf_counter()
     progress("resolve", "running", model)
-    local_dir, facts, plan, config = _resolve(model, options)
+    if converted is not None:  # the plan, config and reference are the original checkpoint's
+        options = dataclasses.replace(options, revision=converted.revision)
+    local_dir, facts, plan, config = _resolve(converted.original if converted else model, options)
+    weights = None
+    if converted is not None and options.engine == "native":
+        from tfbackend.parity.converted import rank_weights
+
+        weights = rank_weights(converted, facts, local_dir)
     phases["resolve"] = time.perf_counter() - t
     progress("resolve", "done", f"{facts.causal_lm_class}, {len(plan.entries)} plan entries")
     report = RunReport(
@@ -166,6 +177,13 @@ def run(model: str, options: RunOptions, progress: Progress = _noop) -> RunRepor
         trust_remote_code=options.trust_remote_code,
     )  # fmt: skip
     report.notes += notes
+    if converted is not None:
+        report.notes.append(converted.note())
+        if options.dtype != converted.manifest.dtype:
+            report.notes.append(
+                f"the converted files hold {converted.manifest.dtype}; the engine computes in "
+                f"{options.dtype}"
+            )
 
     t = time.perf_counter()
     from tfbackend.parity.reference_mode import run_reference
@@ -177,10 +195,17 @@ def run(model: str, options: RunOptions, progress: Progress = _noop) -> RunRepor
     if options.engine == "vllm":
         from tfbackend.parity.engine_vllm import run_vllm
 
+        if converted is not None:
+            from tfbackend.parity.converted import LOAD_FORMAT
+
+            return run_vllm(
+                converted.folder, prompts, reference, options, report, progress,
+                load_format=LOAD_FORMAT,
+            )  # fmt: skip
         return run_vllm(local_dir, prompts, reference, options, report, progress)
 
     logits, captures = _run_ranks(
-        local_dir, plan, prompts, options, report, progress, reference.captures
+        local_dir, plan, prompts, options, report, progress, reference.captures, weights
     )
     t = time.perf_counter()
     progress("compare", "running", "")
@@ -284,7 +309,9 @@ def _check_runnable(facts, plan, options: RunOptions) -> None:
         raise UserError(f"{kv} kv heads neither split over nor replicate onto --tp {options.tp}")
 
 
-def _run_ranks(local_dir, plan, prompts, options, report, progress, reference_captures):
+def _run_ranks(
+    local_dir, plan, prompts, options, report, progress, reference_captures, weights=None
+):
     import torch.multiprocessing as mp
 
     from tfbackend.parity.workers import RankJob, free_port, rank_main
@@ -300,6 +327,7 @@ def _run_ranks(local_dir, plan, prompts, options, report, progress, reference_ca
                 device=options.device, dtype=options.dtype, prompts=[p.ids for p in prompts],
                 port=free_port(), out_dir=str(out), timeout_s=options.timeout_s,
                 bisect=options.bisect, trust_remote_code=options.trust_remote_code,
+                converted=weights,
             )  # fmt: skip
             t0 = time.perf_counter()
             progress(

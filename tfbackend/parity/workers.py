@@ -40,6 +40,8 @@ class RankJob:
     timeout_s: float
     bisect: bool = False
     trust_remote_code: bool = False
+    # A converted folder's files, per global rank (parity/converted.py): read instead of model_dir
+    converted: dict | None = None
 
 
 @dataclass
@@ -187,7 +189,12 @@ def _materialise(model, job: RankJob, device, stats: RankStats) -> None:
     tied = None
     if lm_head and lm_head.extra.get("tied_to"):
         tied = module_name(lm_head.extra["tied_to"], base_prefix(model)) + ".weight"
-    reader = CheckpointReader(job.model_dir)
+    if job.converted is not None:
+        from tfbackend.parity.converted import ConvertedReader
+
+        reader = ConvertedReader(job.converted[stats.rank])
+    else:
+        reader = CheckpointReader(job.model_dir)
     try:
         load_rank_weights(model, reader, tied_source=tied)
     finally:

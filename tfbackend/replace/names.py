@@ -190,6 +190,11 @@ def loader_naming(facts: ModelFacts) -> LoaderNaming:
         )
     children = []
     for m in facts.modules:
+        if m.qualname == "model":
+            # the base model's own tensors are direct children too (vLLM joins
+            # named_children with named_parameters/named_buffers(recurse=False))
+            children.extend(n for n in {**m.params, **m.buffers} if n not in children)
+            continue
         name = m.qualname.removeprefix("model.")
         if "." not in name and name not in children:
             children.append(name)
@@ -383,6 +388,15 @@ def compare_checkpoint(
             more = f" (+{len(gaps) - 4} more)" if len(gaps) > 4 else ""
             result.missing.append(f"{target} [{shown}{more}]")
     return result
+
+
+def match_tensors(headers: CheckpointHeaders, facts: ModelFacts) -> list[TensorMatch]:
+    """Where the loader puts each checkpoint tensor (`convert` writes them under those names)."""
+    naming = loader_naming(facts)
+    expected = expected_parameters(facts)
+    buffers = loadable_buffers(facts)
+    experts = _experts_params(facts)
+    return [_match(name, naming, expected, experts, buffers) for name in headers.tensors]
 
 
 def _match(name, naming: LoaderNaming, expected, experts, buffers=None) -> TensorMatch:
