@@ -249,7 +249,10 @@ def _cpu_kv_bytes(text_config, max_len: int, seqs: int) -> int:
     default costs a second and a GiB per rank."""
 
     def number(name: str, default: int) -> int:
-        value = getattr(text_config, name, None)
+        try:
+            value = getattr(text_config, name, None)
+        except Exception:  # noqa: BLE001 - Gemma 4 raises for a per-layer head_dim read globally
+            value = None
         return value if isinstance(value, int) and value > 0 else default
 
     layers = number("num_hidden_layers", 1)
