@@ -73,3 +73,17 @@ def test_a_head_dim_only_view_is_fine(folders):
         for f in check(str(folders["llama"]), CheckOptions(tp=2)).findings
         if f.rule_id == "TFB214"
     ]
+
+
+def test_sigmoid_routing_inside_vllm_is_a_cpu_only_warning(tmp_path):
+    # TFB518: vLLM's CPU router asserts softmax (Laguna in reports/parity.md); grouped sigmoid
+    # routing (DeepSeek-V3) and softmax routing (Qwen3-MoE) run there.
+    got = {}
+    for model_type in ("laguna", "deepseek_v3", "qwen3_moe"):
+        folder = make_tiny_model(model_type, tmp_path / model_type)
+        got[model_type] = [
+            f for f in check(str(folder), CheckOptions(tp=1)).findings if f.rule_id == "TFB518"
+        ]
+    (found,) = got["laguna"]
+    assert found.severity.value == "warning" and found.data["platforms"] == ["cpu"]
+    assert got["deepseek_v3"] == [] and got["qwen3_moe"] == []

@@ -53,6 +53,7 @@ EXAMPLES: dict[str, str] = {
     "TFB515": "deepseek_v3: best 4 of 8 expert groups",
     "TFB516": "mixtral at --tp 2",
     "TFB517": "minimax_m2: e_score_correction_bias is a buffer of the MoE block, not the router",
+    "TFB518": "laguna on vLLM's CPU build: sigmoid router fused into vLLM's MoERunner",
     "TFB601": "openai/gpt-oss-20b (quant_method mxfp4)",
     "TFB602": "quant_method 'hqq'",
     "TFB603": "a bitsandbytes 4-bit checkpoint on vLLM 0.32",

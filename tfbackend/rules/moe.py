@@ -273,3 +273,35 @@ def dropped_block_state(ctx, r):
             "vLLM routes inside its MoERunner without reading it",
             modules=[m.qualname.rsplit(".", 1)[0] for m in dropped][:16],
         )
+
+
+@rule(
+    "TFB518",
+    "Sigmoid routing inside vLLM: not on vLLM's CPU build",
+    Severity.WARNING,
+    rationale="""
+When vLLM routes inside its MoERunner (the block matched vLLM's MoEBlockFuser), the CPU build's
+router (`fused_moe/router/cpu_router.py`, vLLM 0.32) handles grouped top-k, `sqrtsoftplus` and
+softmax only: a sigmoid router without expert groups stops at `assert self.scoring_func ==
+"softmax"` in the first forward (Laguna, MiniMax-M3 text in reports/parity.md). vLLM's GPU
+routers compute sigmoid top-k; this holds for the CPU platform only.
+""",
+    fix="serve on GPU; on vLLM's CPU build the model does not run",
+)
+def cpu_sigmoid_router(ctx, r):
+    groups = {m.qualname: m.n_group for m in ctx.plan.moe}
+    routed_inside = {e.qualname for e in ctx.plan.entries if e.extra.get("routing") == "internal"}
+    blocks = [
+        m.qualname
+        for m in _experts(ctx)
+        if m.qualname in routed_inside
+        and (m.attrs.get("moe_block") or {}).get("scoring") == "sigmoid"
+        and not groups.get(m.qualname)
+    ]
+    if blocks:
+        yield r.finding(
+            f"{len(blocks)} MoE block(s) route with sigmoid scores inside vLLM's MoERunner: "
+            "vLLM's CPU build asserts softmax there (GPU unaffected)",
+            modules=blocks[:16],
+            platforms=["cpu"],
+        )
