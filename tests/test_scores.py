@@ -56,3 +56,15 @@ def test_score_files_are_safetensors_never_pickles(logits, tmp_path):
 
     with safe_open(str(path), "pt") as f:  # raises on anything but a safetensors file
         assert "p0/kl" in f.keys()
+
+
+def test_nan_scores_never_pass(logits):
+    # vLLM's CPU kernels read past a shard for BitNet at tp 2 and returned NaN rows: a NaN
+    # compares false with every threshold, so the verdict must name it.
+    from tfbackend.parity.verdict import judge, thresholds_for
+
+    ref, _ = logits
+    test = ref.clone()
+    test[3, 7] = float("nan")
+    m = compare_logits("p", ref, test)
+    assert any("NaN" in why for why in judge(m, thresholds_for("float32")))

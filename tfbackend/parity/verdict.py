@@ -32,6 +32,9 @@ def thresholds_for(dtype: str) -> Thresholds:
 def judge(metrics: PromptMetrics, th: Thresholds) -> list[str]:
     """Why this prompt fails (empty: it passes)."""
     why = []
+    values = (metrics.kl_mean, metrics.kl_max, metrics.max_dlogprob_topk, metrics.max_dlogit)
+    if any(v is not None and v != v for v in values):  # NaN compares false with every threshold
+        why.append("non-finite scores (NaN): the engine computed no number for some token")
     if metrics.topk_containment < th.min_containment:
         why.append(f"top-k containment {metrics.topk_containment:.3f} < {th.min_containment}")
     if metrics.kl_mean is not None and metrics.kl_mean > th.max_kl_mean:
