@@ -87,3 +87,14 @@ def test_sigmoid_routing_inside_vllm_is_a_cpu_only_warning(tmp_path):
     (found,) = got["laguna"]
     assert found.severity.value == "warning" and found.data["platforms"] == ["cpu"]
     assert got["deepseek_v3"] == [] and got["qwen3_moe"] == []
+
+
+def test_gathered_attention_projections_fail_at_tp2_but_a_gathered_mlp_does_not(tmp_path):
+    # TFB215: Phi-3's tp_plan gathers qkv_proj (vLLM's forward raised at tp 2); GLM gathers only
+    # its MLP's gate_up_proj, which vLLM serves (reports/parity.md).
+    phi3 = make_tiny_model("phi3", tmp_path / "phi3")
+    glm = make_tiny_model("glm", tmp_path / "glm")
+    (found,) = [f for f in check(str(phi3), CheckOptions(tp=2)).findings if f.rule_id == "TFB215"]
+    assert found.severity.value == "error" and "qkv_proj" in found.message
+    assert not [f for f in check(str(phi3), CheckOptions(tp=1)).findings if f.rule_id == "TFB215"]
+    assert not [f for f in check(str(glm), CheckOptions(tp=2)).findings if f.rule_id == "TFB215"]

@@ -27,6 +27,7 @@ EXAMPLES: dict[str, str] = {
     "TFB211": "moe_intermediate_size 1407 at --tp 2",
     "TFB212": "gpt2 at --tp 2: c_attn and c_proj are Conv1D",
     "TFB214": "stablelm at --tp 2: query_states.view(bsz, q_len, self.num_heads, self.head_dim)",
+    "TFB215": "phi3 at --tp 2: qkv_proj is colwise_gather_output in its tp_plan",
     "TFB213": "bitnet at --tp 2: down_proj (replicated) reads the merged gate/up slices",
     "TFB301": "a model without base_model_pp_plan at --pp 2",
     "TFB302": "a model with two layer ModuleLists at --pp 2",

@@ -515,3 +515,36 @@ def head_count_reshape(ctx, r):
             modules=sorted(hits)[:16],
             attributes=attrs,
         )
+
+
+@rule(
+    "TFB215",
+    "Attention projections gathered to every rank",
+    Severity.ERROR,
+    rationale="""
+A tp_plan style `colwise_gather_output` becomes ColumnParallelLinear(gather_output=True): every
+rank gets the whole output. On an attention module's q/k/v projections (Phi-3's packed
+`qkv_proj`, planned so for transformers' own TP, which slices the packed tensor by the full
+head counts) the attention module then hands every head to a vLLM Attention built for
+heads / tp: vLLM 0.32's forward raises (`view size is not compatible with input tensor's size
+and stride`, Phi-3 and Phi-4-multimodal at tp 2 in reports/parity.md). Gathering an MLP's
+gate/up (GLM) is harmless: its down projection splits the input again.
+""",
+    fix="serve with tp=1, or with vLLM's native implementation of the architecture (Phi-3 has one)",
+)
+def gathered_attention_projections(ctx, r):
+    if ctx.tp <= 1:
+        return
+    attention = {m.qualname for m in ctx.facts.modules if m.kind == "attention"}
+    gathered = [
+        e.qualname
+        for e in ctx.plan.entries_of(K_LINEAR)
+        if e.tp_style == "colwise_gather_output" and e.qualname.rpartition(".")[0] in attention
+    ]
+    if gathered:
+        names = sorted({q.rsplit(".", 1)[-1] for q in gathered})
+        yield r.finding(
+            f"{len(gathered)} attention projection(s) ({', '.join(names)}) are colwise_gather_output"
+            f": every rank computes all heads while vLLM's Attention serves heads / {ctx.tp}",
+            modules=gathered[:16],
+        )
