@@ -98,3 +98,10 @@ def test_gathered_attention_projections_fail_at_tp2_but_a_gathered_mlp_does_not(
     assert found.severity.value == "error" and "qkv_proj" in found.message
     assert not [f for f in check(str(phi3), CheckOptions(tp=1)).findings if f.rule_id == "TFB215"]
     assert not [f for f in check(str(glm), CheckOptions(tp=2)).findings if f.rule_id == "TFB215"]
+
+
+def test_head_count_reshape_with_replicated_projections_is_fine(tmp_path):
+    # GPT-BigCode reshapes by self.num_heads but its c_attn stays replicated: vLLM serves it at
+    # tp 2 with the same logits (reports/parity.md), so TFB214 must stay silent.
+    folder = make_tiny_model("gpt_bigcode", tmp_path / "gpt_bigcode")
+    assert not [f for f in check(str(folder), CheckOptions(tp=2)).findings if f.rule_id == "TFB214"]

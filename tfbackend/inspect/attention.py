@@ -66,36 +66,76 @@ HEAD_COUNT_ATTRS = frozenset({
 
 
 @cache
-def head_count_reshapes(cls: type) -> tuple[str, ...]:
-    """`self.<head count>` attributes `cls.forward` (or a helper method it owns) passes to
-    `.view`/`.reshape`: a shape built from the whole model's head count, where a rank at tp > 1
-    holds only heads / tp of them."""
-    found: list[str] = []
+def _helper_trees(cls: type) -> tuple[ast.AST, ...]:
+    trees = []
     for name in ("forward", "_split_heads", "split_heads", "_shape", "_merge_heads"):
         fn = cls.__dict__.get(name) or getattr(cls, name, None)
         if fn is None:
             continue
         try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(inspect.unwrap(fn))))
+            trees.append(ast.parse(textwrap.dedent(inspect.getsource(inspect.unwrap(fn)))))
         except (OSError, SyntaxError, TypeError):
             continue
-        for node in ast.walk(tree):
-            if not (
-                isinstance(node, ast.Call)
-                and isinstance(node.func, ast.Attribute)
-                and node.func.attr in ("view", "reshape")
-            ):
-                continue
-            args = [
-                a for arg in node.args for a in (arg.elts if isinstance(arg, ast.Tuple) else [arg])
-            ]
-            for a in args:
-                if (
-                    isinstance(a, ast.Attribute)
-                    and isinstance(a.value, ast.Name)
-                    and a.value.id == "self"
-                    and a.attr in HEAD_COUNT_ATTRS
-                    and a.attr not in found
-                ):
-                    found.append(a.attr)
+    return tuple(trees)
+
+
+def _branch(test: ast.expr, module) -> bool | None:
+    """The value of `if self.flag` / `if not self.flag` / `if self.x is None` on this instance
+    (None: not decidable here, both branches are read)."""
+    negate = isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not)
+    node = test.operand if negate else test
+    is_none = None
+    if (
+        isinstance(node, ast.Compare)
+        and len(node.ops) == 1
+        and isinstance(node.comparators[0], ast.Constant)
+        and node.comparators[0].value is None
+        and isinstance(node.ops[0], (ast.Is, ast.IsNot))
+    ):
+        is_none, node = isinstance(node.ops[0], ast.Is), node.left
+    if not (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)):
+        return None
+    if node.value.id != "self" or not hasattr(module, node.attr):
+        return None
+    value = getattr(module, node.attr)
+    if is_none is not None:
+        result = (value is None) == is_none
+    elif isinstance(value, (bool, int, type(None))):
+        result = bool(value)
+    else:
+        return None
+    return not result if negate else result
+
+
+def head_count_reshapes(module) -> tuple[str, ...]:
+    """`self.<head count>` attributes the module's forward (or a helper method its class owns)
+    passes to `.view`/`.reshape` on the branches this instance takes: a shape built from the whole
+    model's head count, where a rank at tp > 1 holds only heads / tp of them."""
+    found: list[str] = []
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and (taken := _branch(node.test, module)) is not None:
+            for child in node.body if taken else node.orelse:
+                visit(child)
+            return
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr in ("view", "reshape")
+        ):
+            for arg in node.args:
+                for a in arg.elts if isinstance(arg, ast.Tuple) else [arg]:
+                    if (
+                        isinstance(a, ast.Attribute)
+                        and isinstance(a.value, ast.Name)
+                        and a.value.id == "self"
+                        and a.attr in HEAD_COUNT_ATTRS
+                        and a.attr not in found
+                    ):
+                        found.append(a.attr)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    for tree in _helper_trees(type(module)):
+        visit(tree)
     return tuple(found)

@@ -331,7 +331,7 @@ def walk(model: Any, config: Any, text: Any, source: SourceInfo) -> ModelFacts:
                     "s_aux": call.s_aux if call else None,
                     "sinks_shape": _sinks_shape(module, call),
                 }
-                if reshapes := attn.head_count_reshapes(cls):
+                if reshapes := attn.head_count_reshapes(module):
                     fact.attrs["head_count_reshapes"] = list(reshapes)
         if fact.kind in (OTHER, ATTENTION) and (fusion := fusion_fact(module)) is not None:
             fact.attrs["fusion"] = fusion
