@@ -62,7 +62,7 @@ def cli_run(models):
 def test_a_model_missing_its_expectation_makes_the_gate_exit_1(cli_run):
     proc, _ = cli_run
     assert proc.returncode == 1, proc.stderr
-    assert "tiny-opt" in proc.stdout and "missed" in proc.stdout
+    assert "tiny-nemotron" in proc.stdout and "missed" in proc.stdout
     assert "TFB201" in proc.stdout  # the finding that made it miss is printed
     assert "2 of 3 models met their expectation" in proc.stdout
 
@@ -73,7 +73,7 @@ def test_gate_json_holds_every_check_in_the_check_report_schema(cli_run):
     assert data["kind"] == "gate" and data["exit_code"] == 1 and not data["passed"]
     by_name = {m["name"]: m for m in data["models"]}
     assert [(c["tp"], c["pp"]) for c in by_name["tiny-llama"]["checks"]] == [(1, 1), (2, 1)]
-    opt = by_name["tiny-opt"]
+    opt = by_name["tiny-nemotron"]
     assert (opt["verdict"], opt["expected"], opt["status"]) == ("FAIL", "pass", "missed")
     (report,) = [c["report"] for c in opt["checks"]]
     assert report["profile"]["name"] == "vllm-0.11"
@@ -87,21 +87,21 @@ def test_gate_json_holds_every_check_in_the_check_report_schema(cli_run):
 def test_markdown_summary_names_every_model_and_the_miss(cli_run):
     _, out = cli_run
     md = (out / "gate.md").read_text()
-    for name in ("tiny-llama", "tiny-opt", "tiny-mxfp4"):
+    for name in ("tiny-llama", "tiny-nemotron", "tiny-mxfp4"):
         assert f"`{name}`" in md
     assert md.startswith("## tfbackend gate: ❌ 1 of 3 models missed their expectation")
-    assert "| `tiny-opt` | tp=2 pp=1 | ❌ FAIL | pass | ❌ missed |" in md
+    assert "| `tiny-nemotron` | tp=2 pp=1 | ❌ FAIL | pass | ❌ missed |" in md
     assert "TFB601" in md and "TFB201" in md
     # the model that needs a look comes first among the findings
-    assert md.index("<code>tiny-opt</code>") < md.index("<code>tiny-llama</code>")
+    assert md.index("<code>tiny-nemotron</code>") < md.index("<code>tiny-llama</code>")
 
 
 def test_gate_verdict_is_exactly_what_check_says(models):
     report = gate(
-        models, '[[models]]\nid = "tiny-opt"\ntp = [1, 2]\nexpected = "pass-with-warnings"\n'
+        models, '[[models]]\nid = "tiny-nemotron"\ntp = [1, 2]\nexpected = "pass-with-warnings"\n'
     )
     for outcome in report.results[0].checks:
-        alone = check(str(models / "tiny-opt"), CheckOptions(tp=outcome.tp))
+        alone = check(str(models / "tiny-nemotron"), CheckOptions(tp=outcome.tp))
         assert outcome.report.to_dict() == alone.to_dict()
 
 
@@ -109,8 +109,8 @@ def test_all_expectations_met_exits_0(models):
     report = gate(
         models,
         '[[models]]\nid = "tiny-llama"\ntp = [1, 2]\npp = [1, 2]\nexpected = "pass"\n'
-        '[[models]]\nid = "tiny-opt"\ntp = 2\nexpected = "pass-with-warnings"\n'
-        '[[models]]\nid = "tiny-opt"\nrevision = "other"\nignore = ["TFB2"]\ntp = 2\n'
+        '[[models]]\nid = "tiny-nemotron"\ntp = 2\nexpected = "pass-with-warnings"\n'
+        '[[models]]\nid = "tiny-nemotron"\nrevision = "other"\nignore = ["TFB2"]\ntp = 2\n'
         'expected = "pass"\n',
     )
     assert [r.status for r in report.results] == ["met", "met", "met"]
@@ -119,7 +119,9 @@ def test_all_expectations_met_exits_0(models):
 
 
 def test_strict_turns_warnings_into_a_fail(models):
-    report = gate(models, '[[models]]\nid = "tiny-opt"\ntp = 2\nstrict = true\nexpected = "fail"\n')
+    report = gate(
+        models, '[[models]]\nid = "tiny-nemotron"\ntp = 2\nstrict = true\nexpected = "fail"\n'
+    )
     assert report.results[0].verdict is Verdict.FAIL and report.exit_code == 0
 
 
@@ -167,7 +169,7 @@ def test_unchanged_gate_has_no_regressions_and_lists_what_is_known(models, tmp_p
     assert now.regressions == []
     known = {(c.model, c.kind, c.rule_id) for r in now.results for c in r.known}
     assert ("tiny-mxfp4", "finding", "TFB601") in known
-    assert ("tiny-opt", "finding", "TFB201") in known
+    assert ("tiny-nemotron", "finding", "TFB201") in known
     assert now.exit_code == 1  # still: opt misses its expectation
 
 
@@ -185,7 +187,7 @@ def test_injected_regression_is_caught_and_kept_apart_from_known_problems(models
         ("tiny-mxfp4", "verdict", None, None, None),
         ("tiny-mxfp4", "finding", "TFB601", 1, 1),
     }
-    opt = next(r for r in now.results if r.name == "tiny-opt")
+    opt = next(r for r in now.results if r.name == "tiny-nemotron")
     assert opt.regressions == [] and opt.known  # known, not worse
     assert now.exit_code == 1
     md = gate_markdown(now)
@@ -194,9 +196,12 @@ def test_injected_regression_is_caught_and_kept_apart_from_known_problems(models
 
 
 def test_a_new_error_from_a_profile_change_is_a_regression_even_when_expected(models, tmp_path):
-    before = gate(models, '[[models]]\nid = "tiny-opt"\ntp = 2\nexpected = "pass-with-warnings"\n')
+    before = gate(
+        models, '[[models]]\nid = "tiny-nemotron"\ntp = 2\nexpected = "pass-with-warnings"\n'
+    )
     now = gate(
-        models, '[[models]]\nid = "tiny-opt"\ntp = 2\nvllm_version = "0.11"\nexpected = "fail"\n'
+        models,
+        '[[models]]\nid = "tiny-nemotron"\ntp = 2\nvllm_version = "0.11"\nexpected = "fail"\n',
     )
     apply_baseline(now, baseline_of(before, tmp_path / "b.json"))
     assert now.results[0].met

@@ -82,7 +82,7 @@ def suite_of(root: ET.Element, name: str) -> dict[str, ET.Element]:
 
 def test_one_suite_per_model_one_case_per_check_and_per_rule(models):
     root = gate_xml(models, MIXED_MANIFEST)
-    assert [s.get("name") for s in root] == ["tiny-llama", "tiny-opt", "tiny-mxfp4"]
+    assert [s.get("name") for s in root] == ["tiny-llama", "tiny-nemotron", "tiny-mxfp4"]
     llama = suite_of(root, "tiny-llama")
     assert set(llama) == {"expected pass", "check tp=1 pp=1", "check tp=2 pp=1"}
     assert all(c.find("failure") is None for c in llama.values())
@@ -90,7 +90,7 @@ def test_one_suite_per_model_one_case_per_check_and_per_rule(models):
 
 
 def test_a_missed_expectation_and_its_error_rule_are_failures(models):
-    opt = suite_of(gate_xml(models, MIXED_MANIFEST), "tiny-opt")
+    opt = suite_of(gate_xml(models, MIXED_MANIFEST), "tiny-nemotron")
     failure = opt["expected pass"].find("failure")
     assert failure.get("type") == "ExpectationMissed"
     assert failure.get("message") == "expected pass, got FAIL"
@@ -110,11 +110,11 @@ def test_an_expected_failure_is_skipped_as_xfail_not_red(models):
 
 def test_a_warning_is_a_passing_case_with_its_message_in_system_out(models):
     root = gate_xml(
-        models, '[[models]]\nid = "tiny-opt"\ntp = 2\nexpected = "pass-with-warnings"\n'
+        models, '[[models]]\nid = "tiny-nemotron"\ntp = 2\nexpected = "pass-with-warnings"\n'
     )
-    case = suite_of(root, "tiny-opt")["TFB201 No tp_plan with tp > 1 [tp=2 pp=1]"]
+    case = suite_of(root, "tiny-nemotron")["TFB201 No tp_plan with tp > 1 [tp=2 pp=1]"]
     assert [child.tag for child in case] == ["system-out"]
-    assert case.find("system-out").text.startswith("warning: OPTModel has no tp_plan")
+    assert case.find("system-out").text.startswith("warning: NemotronModel has no tp_plan")
 
 
 def test_a_model_that_cannot_be_checked_is_an_error(models):
@@ -124,16 +124,16 @@ def test_a_model_that_cannot_be_checked_is_an_error(models):
 
 
 def test_a_regression_is_a_failure_even_for_a_model_expected_to_fail(models, tmp_path):
-    before = '[[models]]\nid = "tiny-opt"\ntp = 2\nexpected = "pass-with-warnings"\n'
+    before = '[[models]]\nid = "tiny-nemotron"\ntp = 2\nexpected = "pass-with-warnings"\n'
     (models / "b.toml").write_text(before)
     report = run_gate(load_manifest(models / "b.toml"), GateOptions(progress=False))
     (tmp_path / "b.json").write_text(json.dumps(report.to_dict()))
     root = gate_xml(
         models,
-        '[[models]]\nid = "tiny-opt"\ntp = 2\nvllm_version = "0.11"\nexpected = "fail"\n',
+        '[[models]]\nid = "tiny-nemotron"\ntp = 2\nvllm_version = "0.11"\nexpected = "fail"\n',
         baseline=tmp_path / "b.json",
     )
-    cases = suite_of(root, "tiny-opt")
+    cases = suite_of(root, "tiny-nemotron")
     rule = cases["TFB201 No tp_plan with tp > 1 [tp=2 pp=1]"].find("failure")
     assert rule.get("message").startswith("regression: ")
     summary = cases["no regressions vs baseline"].find("failure")

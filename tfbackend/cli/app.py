@@ -13,6 +13,10 @@ try:  # typer 0.2x vendors click
     from typer._click import exceptions as click_errors
 except ImportError:  # pragma: no cover - older typer depends on click itself
     from click import exceptions as click_errors
+try:  # typer 0.29 keeps Abort in its own exceptions, not in the vendored click's
+    from typer.exceptions import Abort
+except ImportError:  # pragma: no cover - click's
+    Abort = getattr(click_errors, "Abort", ())
 
 
 class OneLineErrors(TyperGroup):
@@ -32,7 +36,7 @@ class OneLineErrors(TyperGroup):
         except click_errors.ClickException as exc:
             typer.echo(f"error: {exc.format_message()}", err=True)
             code = exc.exit_code
-        except click_errors.Abort:
+        except Abort:  # an except clause that fails to evaluate would mask SIGTERM's SystemExit
             typer.echo("aborted", err=True)
             code = 1
         code = code if isinstance(code, int) else 0
