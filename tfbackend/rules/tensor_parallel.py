@@ -410,16 +410,19 @@ _SPLIT = ("QKVParallelLinear", "MergedColumnParallelLinear")
 
 
 def _split_consumers(ctx):
-    """(fused entry, consumer qualname, consumer target) for every linear fed by the per-rank
-    slices of a column-split fused projection, read from the module's FX dataflow."""
-    facts = {m.qualname: m for m in ctx.facts.modules}
+    """(fused entry, consumer qualname, consumer target, traced) for every linear fed by the
+    per-rank slices of a column-split fused projection, read from the module's FX dataflow
+    (traced False: the trace stopped early, and a replicated sibling stands beside the slices)."""
+    linears_by_parent: dict[str, list[str]] = {}
+    for m in ctx.facts.by_kind("linear"):
+        linears_by_parent.setdefault(m.qualname.rpartition(".")[0], []).append(m.qualname)
     for e in ctx.plan.entries:
         if e.target not in _SPLIT or len(e.sources) < 2:
             continue
         if not any(p.shard_dim is not None for p in e.params):
             continue  # built whole on every rank (MLA's fused_qkv_a_proj: disable_tp)
         parent = e.qualname.rpartition(".")[0]
-        m = facts.get(parent)
+        m = ctx.facts.module(parent)
         fusion = (m.attrs.get("fusion") or {}) if m else {}
         pieces = {s.rpartition(".")[2] for s in e.sources}
         for cand in fusion.get("candidates") or []:
@@ -434,11 +437,10 @@ def _split_consumers(ctx):
             if not downstream:
                 # The trace stops before the slices are used (a branch on the cache): every
                 # replicated sibling computes full-width beside them, which is wrong either way.
-                for m2 in ctx.facts.modules:
-                    if m2.kind == "linear" and m2.qualname.rpartition(".")[0] == parent:
-                        sib = ctx.plan.entry_for(m2.qualname)
-                        if sib is not None and sib.target == "ReplicatedLinear":
-                            yield e, sib.qualname, sib.target, False
+                for qualname in linears_by_parent.get(parent, []):
+                    sib = ctx.plan.entry_for(qualname)
+                    if sib is not None and sib.target == "ReplicatedLinear":
+                        yield e, sib.qualname, sib.target, False
             break
 
 
