@@ -23,9 +23,11 @@ fork from one warm process (TFBACKEND_START_METHOD=forkserver).
 from __future__ import annotations
 
 import argparse
+import gzip
 import io
 import json
 import os
+import shutil
 import signal
 import sys
 import tarfile
@@ -37,16 +39,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from tiny_zoo import _one_line  # noqa: E402 - one wording for a recorded exception, as the zoo's
+
 OUT = ROOT / "reports" / "parity"
 RUNS = OUT / "runs.jsonl"
 RECHECKS = OUT / "rechecks.jsonl"  # later `check` verdicts of recorded runs (they win)
 SCORES = OUT / "scores"  # loose files while running; `render` bundles them
 BUNDLE = ROOT / "reports" / "parity-scores.tar.gz"
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:300] if text else ''}"
 
 
 class _Overdue(Exception):
@@ -178,8 +177,6 @@ def cmd_run(args) -> int:
         )
         print(f"[{i + 1}/{len(todo)}] {model_type} tp{args.tp}: check="
               f"{rec.get('check', {}).get('verdict', rec.get('tiny'))} {brief}", flush=True)  # fmt: skip
-        import shutil
-
         shutil.rmtree(folder, ignore_errors=True)
     return 0
 
@@ -472,7 +469,8 @@ def _bundle(recs: list[dict]) -> None:
                 if m.name in names:
                     old[m.name] = tar.extractfile(m).read()
     tmp = BUNDLE.with_suffix(".tmp")
-    with tarfile.open(tmp, "w:gz") as tar:
+    # gzip's header holds a time: fixed, so re-rendering the same runs writes the same bytes
+    with gzip.GzipFile(tmp, "wb", mtime=0) as gz, tarfile.open(fileobj=gz, mode="w") as tar:
         for name in sorted(names):
             path = SCORES / name
             data = path.read_bytes() if path.is_file() else old.get(name)
