@@ -55,8 +55,6 @@ class SpawnedRanks:
         self._signals = _signals_as_exceptions()
         self._hold = self._signals.__enter__()
         try:
-            with self._hold():  # the folder exists and `out` names it, or neither
-                self.out = Path(tempfile.mkdtemp(prefix="tfbackend-run-"))
             # spawn by default (safe with CUDA); forkserver (TFBACKEND_START_METHOD) forks ranks
             # from a server that imported torch and transformers once: repeated runs (tests) are
             # fast.
@@ -68,7 +66,7 @@ class SpawnedRanks:
             self.may_load, self.may_forward = ctx.Event(), ctx.Event()
             start = RankStart(
                 world=self.world, device=self.options.device, port=free_port(),
-                out_dir=str(self.out), spawned_at=time.time(), jobs=self.jobs,
+                spawned_at=time.time(), jobs=self.jobs,
                 may_load=self.may_load, may_forward=self.may_forward,
             )  # fmt: skip
             self.progress(
@@ -98,7 +96,11 @@ class SpawnedRanks:
             self._signals.__exit__(*exc)
 
     def send(self, job) -> None:
-        """The job, once per rank (pickled here, unpickled there: the plan is not recomputed)."""
+        """The job, once per rank (pickled here, unpickled there: the plan is not recomputed),
+        with the run's folder, made now: there is nothing to write there before."""
+        with self._hold():  # the folder exists and `out` names it, or neither
+            self.out = Path(tempfile.mkdtemp(prefix="tfbackend-run-"))
+        job.out_dir = str(self.out)
         for _ in range(self.world):
             self.jobs.put(job)
 

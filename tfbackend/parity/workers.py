@@ -71,13 +71,13 @@ def _die_with_parent() -> None:
 @dataclass
 class RankStart:
     """What a spawned rank needs before the plan exists: it is started while the parent resolves
-    the model, so its interpreter start and imports overlap the parent's; the job follows on
-    `jobs`, and the parent's events say when it may load (memory) and run forward (timing)."""
+    the model, so its interpreter start and imports overlap the parent's; the job (with the run's
+    folder) follows on `jobs`, and the parent's events say when it may load (memory) and run
+    forward (timing)."""
 
     world: int
     device: str
     port: int
-    out_dir: str
     spawned_at: float  # time.time() when the parent started the processes
     jobs: object  # a SimpleQueue: one RankJob per rank
     may_load: object  # multiprocessing Events
@@ -100,15 +100,15 @@ def rank_main(local: int, start: RankStart, queue) -> None:
     import importlib
 
     _die_with_parent()
-    rank, out = local, Path(start.out_dir)
-    work, phase = None, "start"
+    rank, out = local, None
+    work = None
     try:
         for name in _PRELOAD:
             importlib.import_module(name)
         ready = time.time()
         queue.put((rank, "ready", ready))
         job = start.jobs.get()
-        job.port, job.out_dir = start.port, start.out_dir
+        job.port, out = start.port, Path(job.out_dir)
         device = torch.device("cuda", rank) if job.device == "cuda" else torch.device("cpu")
         work = RankWork(
             job, rank, device, on_phase=lambda name: queue.put((rank, name, time.time())),
@@ -137,9 +137,7 @@ def rank_main(local: int, start: RankStart, queue) -> None:
         dist.barrier()
         dist.destroy_process_group()
     except BaseException as exc:  # noqa: BLE001 - recorded for the parent, then re-raised
-        if work is None:
-            _record_error(exc, rank, phase, None, out, None, start.device)
-        else:
+        if work is not None:  # before the job there is no folder: the parent sees the exit
             _record_error(exc, rank, work.phase, work.job, out, work.recorder)
         raise
 
@@ -296,11 +294,11 @@ def _peak(device: str) -> tuple[int, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss"
 
 
-def _record_error(exc, rank, phase, job, out: Path, recorder, device: str = "") -> None:
-    record = error_record(exc, rank, phase, job.device if job else device, recorder)
+def _record_error(exc, rank, phase, job, out: Path, recorder) -> None:
+    record = error_record(exc, rank, phase, job.device, recorder)
     try:
         (out / f"rank{rank}.error.json").write_text(json.dumps(record))
-        if job and job.bisect and recorder is not None and rank % job.tp == 0:
+        if job.bisect and recorder is not None and rank % job.tp == 0:
             torch.save(recorder.outputs, out / f"capture{rank // job.tp}.pt")
     except OSError:
         pass
