@@ -31,6 +31,7 @@ from tfbackend.parity.workers import RankStats
 # A rank's progress, in order; the parent is what it waits for in the ones in _WAITING.
 ORDER = ("start", "ready", "init", "build", "wait load", "load", "wait forward", "forward", "done")
 _WAITING = {"ready", "wait load", "wait forward"}
+POLL_S = 0.05
 
 
 class SpawnedRanks:
@@ -197,8 +198,12 @@ def _wait(ranks: SpawnedRanks, progress) -> None:
             if "spawn ranks" in shown and "load shards" not in shown:
                 loaded = sum(_after(p, "wait forward") for p in seen.values())
                 progress("load shards", "running", f"{loaded}/{world} ranks loaded")
+        if "forward" in shown:
+            # Every rank has written its results; what is left (barrier, process-group and CUDA
+            # teardown, interpreter exit) is no part of the run: leaving the block stops them.
+            return
         try:
-            if ranks.procs.join(timeout=0.2):
+            if ranks.procs.join(timeout=POLL_S):
                 return
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
             record = _first_error(out)

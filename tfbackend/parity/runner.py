@@ -148,10 +148,12 @@ def run(model: str, options: RunOptions, progress: Progress = _noop) -> RunRepor
     if converted is not None:  # the plan, config and reference are the original checkpoint's
         options = dataclasses.replace(options, revision=converted.revision)
     with contextlib.ExitStack() as stack:
-        return _run_spawned(model, converted, options, progress, stack)
+        return _run_on_this_host(model, converted, options, progress, stack)
 
 
-def _run_spawned(model, converted, options: RunOptions, progress: Progress, stack) -> RunReport:
+def _run_on_this_host(
+    model, converted, options: RunOptions, progress: Progress, stack
+) -> RunReport:
     """Ranks (native engine) start once the model is found, and do their imports while this
     process analyses it and computes the reference (parity/ranks.py)."""
     ref_dtype = options.reference_dtype or options.dtype
@@ -195,23 +197,13 @@ def _run_spawned(model, converted, options: RunOptions, progress: Progress, stac
     if ranks is not None:
         from tfbackend.parity.workers import RankJob
 
-        ranks.send(
-            RankJob(
-                model_dir=local_dir,
-                plan=plan,
-                tp=options.tp,
-                pp=options.pp,
-                device=options.device,
-                dtype=options.dtype,
-                prompts=[p.ids for p in prompts],
-                port=0,
-                out_dir="",
-                timeout_s=options.timeout_s,
-                bisect=options.bisect,
-                trust_remote_code=options.trust_remote_code,
-                converted=weights,
-            )  # fmt: skip
-        )
+        job = RankJob(
+            model_dir=local_dir, plan=plan, tp=options.tp, pp=options.pp, device=options.device,
+            dtype=options.dtype, prompts=[p.ids for p in prompts], port=0, out_dir="",
+            timeout_s=options.timeout_s, bisect=options.bisect,
+            trust_remote_code=options.trust_remote_code, converted=weights,
+        )  # fmt: skip
+        ranks.send(job)
 
     t = time.perf_counter()
     from tfbackend.parity.reference_mode import choose, fits_beside, run_reference
