@@ -34,6 +34,15 @@ _WAITING = {"ready", "wait load", "wait forward"}
 POLL_S = 0.05
 
 
+def start_method(device: str) -> str:
+    """TFBACKEND_START_METHOD, else spawn on CUDA (a process forked after CUDA was initialised
+    cannot use it) and forkserver on CPU: one server imports torch and transformers once, beside
+    this process's own work, and forks every rank from it, so N ranks cost one import, not N."""
+    return os.environ.get("TFBACKEND_START_METHOD") or (
+        "spawn" if device == "cuda" else "forkserver"
+    )
+
+
 class SpawnedRanks:
     """`with SpawnedRanks(options, progress) as ranks:` starts them; `send(job)`, `allow_load()`,
     `allow_forward()`, then `collect(...)`. Leaving the block stops every rank still alive and
@@ -51,18 +60,15 @@ class SpawnedRanks:
     def __enter__(self) -> SpawnedRanks:
         import torch.multiprocessing as mp
 
-        from tfbackend.parity.workers import RankStart, free_port, rank_main
+        from tfbackend.parity.workers import PRELOAD, RankStart, free_port, rank_main
 
         self._signals = _signals_as_exceptions()
         self._hold = self._signals.__enter__()
         try:
-            # spawn by default (safe with CUDA); forkserver (TFBACKEND_START_METHOD) forks ranks
-            # from a server that imported torch and transformers once: repeated runs (tests) are
-            # fast.
-            method = os.environ.get("TFBACKEND_START_METHOD", "spawn")
+            method = start_method(self.options.device)
             ctx = mp.get_context(method)
             if method == "forkserver":
-                ctx.set_forkserver_preload(["torch", "transformers", "tfbackend.parity.workers"])
+                ctx.set_forkserver_preload(["torch", *PRELOAD, "tfbackend.parity.workers"])
             self.queue, self.jobs = ctx.SimpleQueue(), ctx.SimpleQueue()
             self.may_load, self.may_forward = ctx.Event(), ctx.Event()
             start = RankStart(

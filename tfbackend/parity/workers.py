@@ -84,9 +84,9 @@ class RankStart:
     may_forward: object
 
 
-# What every rank imports anyway, loaded while it waits for the job (the model's own module is
-# imported by from_config, once the config is known).
-_PRELOAD = (
+# What every rank imports anyway, loaded while it waits for the job, or once by the forkserver
+# the ranks are forked from (the model's own module is imported by from_config).
+PRELOAD = (
     "safetensors",
     "transformers.modeling_utils",
     "tfbackend.replace.apply",
@@ -103,7 +103,7 @@ def rank_main(local: int, start: RankStart, queue) -> None:
     rank, out = local, None
     work = None
     try:
-        for name in _PRELOAD:
+        for name in PRELOAD:
             importlib.import_module(name)
         ready = time.time()
         queue.put((rank, "ready", ready))
