@@ -65,13 +65,15 @@ def write_random_checkpoint(
     """Write `config` with random weights straight into safetensors shards, without building the
     model's weights: names and shapes come from a meta build, values from `_uniform` (seeded by
     tensor, drawn on threads, in `dtype` at the scales of `spread_init_`), and each shard is
-    written as soon as it is full. `make_random_model` materialises and initialises the whole
-    model first; per-tensor `normal_` in bf16 wrote an 8B Llama at ~40 MB/s (405 s on one H200
-    host). For benchmarks: tied heads, norms (each variant's neutral value, from the module's own
-    `_init_weights`), biases and MoE routers follow `spread_init_`; names are those
+    written, on a thread while the next is drawn, as soon as it is full. `make_random_model`
+    materialises and initialises the whole model first (405 s for an 8B Llama on one H200 host);
+    `normal_` is serial (~290 MB/s of bf16 on one core), `_uniform` ~1 GB/s per core and it
+    scales with them. For benchmarks: tied heads, norms (each variant's neutral value, from the
+    module's own `_init_weights`), biases and MoE routers follow `spread_init_`; names are those
     `save_pretrained` writes (transformers' `revert_weight_conversion`, one decoder layer at a
     time: per-expert tensors for an MoE, as on the hub)."""
     import json
+    from concurrent.futures import ThreadPoolExecutor
 
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
@@ -90,10 +92,15 @@ def write_random_checkpoint(
     written: list[tuple[Path, list[str]]] = []  # (temporary file, its tensor names)
     shard: dict[str, torch.Tensor] = {}
     size = [0, 0]  # this shard's bytes, all bytes
+    # One shard is written on a thread while the next is drawn (at most two in memory).
+    writer = ThreadPoolExecutor(1)
+    pending: list = []
 
     def write_shard() -> None:
         path = folder / f".part-{len(written):05d}.safetensors"
-        save_file(shard, str(path), metadata={"format": "pt"})
+        if pending:
+            pending.pop().result()
+        pending.append(writer.submit(save_file, dict(shard), str(path), {"format": "pt"}))
         written.append((path, list(shard)))
         shard.clear()
         size[0] = 0
@@ -133,6 +140,9 @@ def write_random_checkpoint(
         flush(group)
     if shard:
         write_shard()
+    for job in pending:
+        job.result()
+    writer.shutdown()
     weight_map = {}
     for i, (path, tensors) in enumerate(written):
         name = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
