@@ -13,6 +13,7 @@ from tfbackend.inspect.facts import (
     CONV1D,
     EMBEDDING,
     EXPERTS,
+    LAYERNORM,
     LINEAR,
     MODULE_LIST,
     NORM,
@@ -28,8 +29,6 @@ from tfbackend.inspect.heterogeneous import layer_geometry, whole_model
 from tfbackend.inspect.mla import mla_fact
 from tfbackend.inspect.moe_blocks import moe_block_fact
 from tfbackend.inspect.norms import EPS_ATTRS, classify_norm, norm_eps, zero_initialised
-
-LAYERNORM = "layernorm"
 
 # Attribute aliases, in the order the backend tries them.
 NUM_EXPERTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
