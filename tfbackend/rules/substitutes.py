@@ -109,6 +109,8 @@ DBRX at tp 2 in reports/parity.md) or, where the view happens to fit, folds head
 def replicated_attention(ctx, r):
     if ctx.tp <= 1:
         return
+    if not ctx.facts.tp_plan and ctx.profile.missing_tp_plan == "error":
+        return  # vLLM refuses the model before any forward (TFB201 says so)
     linears: dict[str, list] = {}
     for e in ctx.plan.entries_of(K_LINEAR):
         for source in e.sources:
