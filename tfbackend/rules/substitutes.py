@@ -13,7 +13,7 @@ from __future__ import annotations
 from tfbackend.inspect.facts import ATTENTION, EXPERTS
 from tfbackend.inspect.linear_forward import UNRUN
 from tfbackend.replace.plan import K_LINEAR
-from tfbackend.report.findings import Severity
+from tfbackend.rules.findings import Severity
 from tfbackend.rules.registry import rule
 
 # vLLM linear classes whose forward is `x @ W.T + b`, one tensor out (return_bias=False).
