@@ -159,6 +159,9 @@ class ModelFacts:
     architecture_compatible: bool | None = None  # vLLM 0.32's registry gate; None: not judged
     vllm_config_class: str | None = None  # the installed vLLM's own config class, when it has one
     vllm_config_error: str | None = None  # why transformers cannot build from vLLM's class
+    # The base model's module builds masks with transformers' masking_utils: under vLLM's
+    # "vllm" attention implementation those return None, so no layer ever sees a mask tensor.
+    masks_from_masking_utils: bool = False
 
     def module(self, qualname: str) -> ModuleFact | None:
         """The fact for one module, by qualname (planning looks modules up per fused projection)."""
