@@ -5,7 +5,8 @@ vLLM matches each fuser on an FX trace of the module class (`fusers/glu.py`, `qk
 succeeds; both sides decide. We take the same trace (`fxtrace.py`), the same matches
 (`fx_match.py`) and the same source checks (`rewrite.py`), without vLLM. One analysis per
 (class, children, linear shapes), as vLLM caches per class; what does not fuse is recorded with
-the reason. Shape checks that depend on tp (vLLM's `validate`) are left to the planner.
+the reason. Which match wins is the profile's fuser order, and shape checks that depend on tp
+(vLLM's `validate`) are the fusers' (replace/fusers/): the facts only say what matched.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def fusion_fact(module: Any, graph: Callable[[], Any] | None = None) -> dict[str
         try:
             _cache[key] = _analyse(module, graph)
         except Exception as exc:  # any unreadable forward: vLLM's rewrite fails the same way
-            _cache[key] = {"fuser": None, "reason": f"forward not analysable: {exc}"}
+            _cache[key] = {"candidates": [], "reason": f"forward not analysable: {exc}"}
     return _cache[key]
 
 
@@ -50,7 +51,7 @@ def _analyse(module: Any, graph_of: Callable[[], Any] | None) -> dict[str, Any]:
 
     graph = graph_of() if graph_of is not None else trace(module)
     if graph is None:
-        return {"fuser": None, "reason": "forward not traceable"}
+        return {"candidates": [], "reason": "forward not traceable"}
     rewrites = {
         "glu": lambda c: rewrite.check_glu(module, c["act"], c["gate"], c["up"]),
         "qkv": lambda c: rewrite.check_qkv(module, c["q"], c["k"], c["v"]),
@@ -73,11 +74,11 @@ def _analyse(module: Any, graph_of: Callable[[], Any] | None) -> dict[str, Any]:
         for cand in candidates:
             pieces = cand.get("linears") or [cand.get(k) for k in ("q", "k", "v", "gate", "up")]
             cand["downstream"] = downstream_linears(graph, module, [p for p in pieces if p])
-        return {"fuser": candidates[0]["fuser"], "candidates": candidates}
+        return {"candidates": candidates}  # every match; the profile's order picks
     reason = "; ".join(refused) or "no q/k/v, packed qkv, gate/up or sibling linears"
     if not refused and (groups := fx_match.sibling_groups(graph, module)) > 1:
         reason = f"{groups} sibling-linear groups: which to merge is ambiguous"
-    return {"fuser": None, "reason": reason}
+    return {"candidates": [], "reason": reason}
 
 
 def router_scoring(module: Any) -> str | None:

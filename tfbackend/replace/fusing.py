@@ -39,7 +39,7 @@ def _fuse_module(facts, plan, m: ModuleFact, fusers, stage) -> list[PlanEntry]:
             return outcome.entries
         why_not.append(f"{fuser.key}: {outcome.why_not}")
     fact = m.attrs.get("fusion")
-    if fact and not fact.get("fuser"):
+    if fact and not fact["candidates"]:
         why_not = [str(fact.get("reason"))]  # no fuser matched, or its rewrite was refused
     if why_not:
         plan.notes.append(
