@@ -219,6 +219,8 @@ def _vocab_embedding(site: Site) -> nn.Module:
 
 def _lm_head(site: Site) -> nn.Module:
     old = site.require()
+    if not isinstance(old, nn.Linear):
+        raise NotBuildable(site.entry, f"{site.name} is a {type(old).__name__}, not an nn.Linear")
     padded = site.entry.extra["padded_vocab"]
     return L.ParallelLMHead(old.out_features, padded, old.in_features, site.ctx, **site.kw())
 
