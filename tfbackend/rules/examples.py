@@ -13,6 +13,8 @@ EXAMPLES: dict[str, str] = {
     "TFB110": "emu3's text config (Emu3TextConfig) saved alone: AutoModel has no mapping for it",
     "TFB111": "deepseek_v32: vLLM 0.32 reads it as DeepseekV3Config (no indexer)",
     "TFB112": "cohere_compass_text: rope_parameters with mrope_section, text-only",
+    "TFB113": "phimoe: PhimoeTopKRouter(nn.Linear) returns (logits, weights, experts); vLLM's "
+    "ReplicatedLinear returns the logits only",
     "TFB108": "gemma3 (vision_config), qwen2_5_omni (audio and vision towers)",
     "TFB201": "gpt2 at --tp 2: no base_model_tp_plan",
     "TFB202": "deepseek_v3 at --tp 8: 'packed_colwise' experts style",
@@ -28,6 +30,7 @@ EXAMPLES: dict[str, str] = {
     "TFB212": "gpt2 at --tp 2: c_attn and c_proj are Conv1D",
     "TFB214": "stablelm at --tp 2: query_states.view(bsz, q_len, self.num_heads, self.head_dim)",
     "TFB215": "phi3 at --tp 2: qkv_proj is colwise_gather_output in its tp_plan",
+    "TFB216": "dbrx at --tp 2: no tp_plan, the packed Wqkv stays replicated",
     "TFB213": "bitnet at --tp 2: down_proj (replicated) reads the merged gate/up slices",
     "TFB301": "a model without base_model_pp_plan at --pp 2",
     "TFB302": "a model with two layer ModuleLists at --pp 2",
@@ -41,6 +44,8 @@ EXAMPLES: dict[str, str] = {
     "TFB404": "gpt_oss: learned attention sinks passed as s_aux",
     "TFB405": "deepseek_v3: kv_lora_rank 512",
     "TFB406": "whisper: self_attn and encoder_attn of a decoder layer both have layer_idx 0",
+    "TFB407": "glm_moe_dsa: the indexer reads attention_mask[:, 0, :, :], None under vLLM",
+    "TFB408": "inkling: sliding layers hold swa_num_key_value_heads=16 KV heads, the config 8",
     "TFB501": "gemma (x̂·(1+w)) checked with --vllm-version 0.6: the name-based port makes it "
     "RMSNorm",
     "TFB502": "qwen3_next: Qwen3NextRMSNormGated(x, gate)",
@@ -55,6 +60,7 @@ EXAMPLES: dict[str, str] = {
     "TFB516": "mixtral at --tp 2",
     "TFB517": "minimax_m2: e_score_correction_bias is a buffer of the MoE block, not the router",
     "TFB518": "laguna on vLLM's CPU build: sigmoid router fused into vLLM's MoERunner",
+    "TFB519": "llama4_text: experts.gate_up_proj [E, H, 2I], down_proj [E, I, H]",
     "TFB601": "openai/gpt-oss-20b (quant_method mxfp4)",
     "TFB602": "quant_method 'hqq'",
     "TFB603": "a bitsandbytes 4-bit checkpoint on vLLM 0.32",

@@ -6,9 +6,9 @@ from collections import Counter
 from math import prod
 
 from tfbackend.replace.plan import K_EXPERTS, K_LINEAR
-from tfbackend.report.findings import Severity
-from tfbackend.report.units import size
+from tfbackend.rules.findings import Severity
 from tfbackend.rules.registry import rule
+from tfbackend.units import size
 
 
 def _bytes_per_param(ctx) -> int:
@@ -197,17 +197,15 @@ def vocab_divisible(ctx, r):
                 )
 
 
-def fusers_modelled() -> bool:
-    """Whether the planner models vLLM's fusers (fusion steps registered by tfbackend)."""
-    from tfbackend.replace.planner import FUSION_STEPS
-
-    return bool(FUSION_STEPS)
+def fusers_modelled(profile) -> bool:
+    """Whether the plan models the profile's fusers (its profile names their steps)."""
+    return bool(profile.fusion_steps)
 
 
 def _fuser_claimed(ctx):
     """Linears vLLM 0.32's attention fusers (QKV, packed QKV, MLA) claim, o_proj included,
     while the plan does not model the fusers: the tp_plan is not consulted for them."""
-    if not ctx.profile.fuses or fusers_modelled():
+    if not ctx.profile.fuses or fusers_modelled(ctx.profile):
         return lambda qualname: False
     attn = tuple(m.qualname + "." for m in ctx.facts.modules if m.kind == "attention")
     return lambda qualname: qualname.startswith(attn)
@@ -273,7 +271,7 @@ def replicated_linears(ctx, r):
     if len(kept) != len(left):
         note = " (attention projections left to vLLM's fusers)"
     left = kept
-    unmodelled = ctx.profile.fuses and not fusers_modelled()
+    unmodelled = ctx.profile.fuses and not fusers_modelled(ctx.profile)
     if unmodelled:
         note += "; vLLM's MLP fusers may claim some of these (not modelled in this plan)"
     if not left:
