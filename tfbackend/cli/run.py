@@ -68,6 +68,12 @@ def run(
         help="For a folder `tfbackend convert` wrote: the checkpoint it was converted from, for "
         "the reference (default: the one its manifest records).",
     ),
+    vllm_version: str | None = typer.Option(
+        None,
+        "--vllm-version",
+        help="Run the plan of this vLLM version or profile, as `check --vllm-version` (default: "
+        "installed, else newest).",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the JSON report only."),
     debug: bool = typer.Option(
         False, "--debug", help="Show tracebacks; keep and show the vLLM engine's log."
@@ -84,7 +90,7 @@ def run(
         prompts_file=prompts, max_prompts=max_prompts, bisect=bisect, timeout_s=timeout,
         engine=engine, offline=offline or None, trust_remote_code=trust_remote_code,
         revision=revision, token=token, reference=reference, launcher=launcher,
-        debug=debug, original=original,
+        debug=debug, original=original, vllm_version=vllm_version,
     )  # fmt: skip
     board = live_progress(PHASES) if speaks(options) else contextlib.nullcontext(_silent)
     with user_errors(debug, subject=f"running {model}"), board as progress:
