@@ -252,6 +252,22 @@ def upstream_linear(node: object, module: nn.Module) -> fx.Node | None:
     return None
 
 
+def downstream_linear(node: fx.Node, module: nn.Module) -> fx.Node | None:
+    """The nearest linear consuming `node`'s output, forward through function and method
+    calls (casts, scalings), never through the attention call (fx_utils.downstream_linear)."""
+    queue, seen = list(node.users), set()
+    while queue:
+        current = queue.pop(0)
+        if current in seen:
+            continue
+        seen.add(current)
+        if is_linear(current, module):
+            return current
+        if current.op in ("call_function", "call_method") and not is_leaf_call(current):
+            queue.extend(current.users)
+    return None
+
+
 def downstream_linears(graph: fx.Graph, module: nn.Module, names: list[str]) -> list[str]:
     """The nearest linear children fed by the outputs of linears `names` (through ops, norms and
     the attention call): where a column-split projection's per-rank slices go next."""
@@ -281,6 +297,32 @@ def returned_linear(graph: fx.Graph, module: nn.Module) -> str | None:
         value = value[0]
     linear = upstream_linear(value, module)
     return None if linear is None else str(linear.target)
+
+
+def reaches(node: fx.Node, key: str) -> set[fx.Node]:
+    """Every node reachable from `node` along `key` edges ("users" or "all_input_nodes"),
+    `node` included."""
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        stack.extend(getattr(current, key))
+    return seen
+
+
+def is_op(node: object, name: str) -> bool:
+    """`torch.<name>`, `F.<name>`, `operator.<name>` called, or the tensor method `<name>`."""
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "call_function":
+        return any(
+            getattr(owner, name, None) is not None and node.target is getattr(owner, name)
+            for owner in (torch, torch.nn.functional, operator)
+        )
+    return node.op == "call_method" and node.target == name and hasattr(torch.Tensor, name)
 
 
 _DTYPE_CASTS = frozenset({"to", "float", "double", "half", "bfloat16", "type_as"})

@@ -341,10 +341,12 @@ def walk(model: Any, config: Any, text: Any, source: SourceInfo) -> ModelFacts:
                     fact.attrs["head_count_reshapes"] = list(reshapes)
                 if reads := attn.tensor_mask_reads(module):
                     fact.attrs["tensor_mask_reads"] = list(reads)
-        if fact.kind in (OTHER, ATTENTION) and (fusion := fusion_fact(module)) is not None:
-            fact.attrs["fusion"] = fusion
-        if fact.kind in (OTHER, ATTENTION) and (mla := mla_fact(module)) is not None:
-            fact.attrs["mla"] = mla
+        if fact.kind in (OTHER, ATTENTION):
+            graph = _once(_trace, module)  # one FX trace, read by every match that needs it
+            if (fusion := fusion_fact(module, graph)) is not None:
+                fact.attrs["fusion"] = fusion
+            if (mla := mla_fact(module, graph)) is not None:
+                fact.attrs["mla"] = mla
         fact.buffers = _persistent_buffers(module)
         modules.append(fact)
 
@@ -391,6 +393,24 @@ def _uses_masking_utils(model: Any) -> bool:
         if source is not None
         else False
     )
+
+
+def _once(fn, *args):
+    """`fn(*args)` computed on the first call only (a trace is taken only if a match asks)."""
+    done: list = []
+
+    def value():
+        if not done:
+            done.append(fn(*args))
+        return done[0]
+
+    return value
+
+
+def _trace(module):
+    from tfbackend.inspect.fxtrace import trace  # torch.fx: imported when a module is read
+
+    return trace(module)
 
 
 def _mrope_section(raw: dict) -> list | None:

@@ -10,14 +10,10 @@ fused or recursed into, so the children of a swapped module (Inkling's
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from tfbackend.inspect.facts import CONV, LAYERNORM, LINEAR, ModelFacts, ModuleFact
 from tfbackend.replace.plan import K_CONV, K_EMBEDDING, K_UNCHANGED, PlanEntry, ReplacementPlan
+from tfbackend.replace.profiles import Capability, Profile
 from tfbackend.replace.shards import replicated_shards
-
-if TYPE_CHECKING:
-    from tfbackend.replace.profiles import Profile
 
 
 def conv_target(m: ModuleFact) -> str | None:
@@ -69,8 +65,8 @@ def _swapped_ancestor(qualname: str, swapped: dict[str, str]) -> str | None:
 
 def leave_unvisited(facts: ModelFacts, plan: ReplacementPlan, profile: Profile) -> None:
     """Entries planned inside a module the walk swaps whole: vLLM never reaches them."""
-    if not profile.fuses:
-        return  # read from 0.32's _recursive_replace; earlier backends are not confirmed
+    if not profile.can(Capability.SWAPS_LEAVES_WHOLE):
+        return
 
     swapped = _swapped_whole(facts, plan)
     for i, e in enumerate(plan.entries):

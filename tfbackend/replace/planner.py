@@ -18,14 +18,13 @@ from tfbackend.inspect.facts import (
     LINEAR,
     NORM,
     NORM_GATED,
-    NORM_NO_WEIGHT,
-    NORM_OFFSET,
-    NORM_PLAIN,
     ModelFacts,
     ModuleFact,
 )
 from tfbackend.replace.attention import layer_heads, own_params
 from tfbackend.replace.experts import plan_experts
+from tfbackend.replace.fusers import AttentionFuser, RMSNormFuser
+from tfbackend.replace.fusing import fuse
 from tfbackend.replace.leaves import leave_unvisited, plan_convs
 from tfbackend.replace.pipeline import stage_layout
 from tfbackend.replace.plan import (
@@ -43,7 +42,7 @@ from tfbackend.replace.plan import (
     PlanNote,
     ReplacementPlan,
 )
-from tfbackend.replace.profiles import Profile
+from tfbackend.replace.profiles import Capability, Profile
 from tfbackend.replace.shards import SHARDERS, pad_vocab, replicated_shards, split
 
 _LAYER_INDEX = re.compile(r"^model\.(?P<list>.+?)\.(?P<idx>\d+)(\.|$)")
@@ -87,10 +86,9 @@ def build_plan(facts: ModelFacts, *, tp: int = 1, pp: int = 1, profile: Profile)
     _plan_stages(facts, plan, profile)
     stage_of = _Stages(plan)
     fused: set[str] = set()
-    for step in profile.fusion_steps:  # in the backend's order: a module taken is taken
-        for entry in step(facts, plan, profile, stage_of):
-            plan.entries.append(entry)
-            fused.update(entry.sources)
+    for entry in fuse(facts, plan, profile, stage_of):  # the linears they cover are taken
+        plan.entries.append(entry)
+        fused.update(entry.sources)
     plan_experts(facts, plan, profile, stage_of, fused)
     _plan_linears(facts, plan, profile, stage_of, fused)
     _plan_embeddings(facts, plan, profile, stage_of)
@@ -98,10 +96,10 @@ def build_plan(facts: ModelFacts, *, tp: int = 1, pp: int = 1, profile: Profile)
     plan_convs(facts, plan, profile, stage_of)
     leave_unvisited(facts, plan, profile)
     _plan_attention(facts, plan, profile)
-    for attention_step in profile.attention_steps:
-        attention_step(facts, plan)
-    for alias_step in profile.alias_steps:
-        plan.entries.extend(alias_step(facts, plan))
+    for fuser in profile.fusers:
+        fuser.adjust_attention(facts, plan)
+    for fuser in profile.fusers:
+        plan.entries.extend(fuser.aliases(facts, plan))
     return plan
 
 
@@ -238,7 +236,7 @@ def _vocab_sizes(facts: ModelFacts) -> set[int]:
 def _embedding_target(m: ModuleFact, profile: Profile) -> str:
     # vLLM ≥ 0.32 (utils.replace_embedding_class) rebases an nn.Embedding subclass onto
     # VocabParallelEmbedding in place, so the module keeps its class name.
-    if profile.fuses and m.class_name != "Embedding":
+    if profile.can(Capability.REBASES_EMBEDDINGS) and m.class_name != "Embedding":
         return m.class_name
     return "VocabParallelEmbedding"
 
@@ -314,7 +312,8 @@ def _plan_embeddings(facts, plan, profile: Profile, stage_of) -> None:
 
 def norm_target(m: ModuleFact, profile: Profile) -> tuple[str | None, str]:
     """What the profile's backend turns this norm into, and why (None: left as HF code)."""
-    variant = m.attrs.get("variant")
+    if (norms := profile.fuser(RMSNormFuser)) is not None:
+        return norms.target(m)  # "structural": decided from what the norm computes
     if profile.norm_detection == "class_name":
         if not m.attrs.get("rms_named"):
             return None, "not named *RMSNorm"
@@ -325,14 +324,7 @@ def norm_target(m: ModuleFact, profile: Profile) -> tuple[str | None, str]:
         if m.attrs.get("zero_init"):
             return "GemmaRMSNorm", "named *RMSNorm, weight initialised to zeros"
         return "RMSNorm", "named *RMSNorm"
-    # structural: decided from what the norm computes
-    if variant == NORM_OFFSET:
-        return "GemmaRMSNorm", "computes x̂·(1+w)"
-    if variant in (NORM_PLAIN, NORM_NO_WEIGHT) and m.attrs.get("is_rms", True):
-        return "RMSNorm", "computes x̂·w" if variant == NORM_PLAIN else "computes x̂"
-    if variant == NORM_GATED:
-        return None, "gated norm forward(x, gate): left as HF code"
-    return None, "did not match the RMSNorm dataflow: left as HF code"
+    return None, f"norm detection {profile.norm_detection!r} needs the RMSNorm fuser"
 
 
 def _plan_norms(facts, plan, profile: Profile, stage_of, fused: set[str]) -> None:
@@ -350,9 +342,6 @@ def _plan_norms(facts, plan, profile: Profile, stage_of, fused: set[str]) -> Non
                 continue
         elif m.kind == NORM:
             target, reason = norm_target(m, profile)
-            if target and profile.fuses:
-                # RMSNormFuser builds the TP-aware subclasses (fusers/rms_norm.py)
-                target = f"TPAware{target}"
             kind = K_NORM
             if target is None:
                 if m.attrs.get("rms_named") or m.attrs.get("variant") == NORM_GATED:
@@ -374,6 +363,12 @@ def _plan_norms(facts, plan, profile: Profile, stage_of, fused: set[str]) -> Non
                 extra={"variant": m.attrs.get("variant"), "eps": m.attrs.get("eps")},
             )
         )
+
+
+def _attention_params(m: ModuleFact, tp: int, profile: Profile):
+    if (fuser := profile.fuser(AttentionFuser)) is not None:
+        return fuser.params(m, tp)  # sinks re-created per rank
+    return own_params(m, tp, shards_sinks=False)
 
 
 def _plan_attention(facts: ModelFacts, plan: ReplacementPlan, profile: Profile) -> None:
@@ -414,6 +409,6 @@ def _plan_attention(facts: ModelFacts, plan: ReplacementPlan, profile: Profile) 
                 scaling=m.attrs.get("scaling") if m else None,
                 sinks=bool(m and m.attrs.get("s_aux")),
                 stage=stage,
-                params=own_params(m, tp, shards_sinks=profile.fuses) if m else [],
+                params=_attention_params(m, tp, profile) if m else [],
             )
         )

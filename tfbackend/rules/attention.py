@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tfbackend.replace.fusers import MLAFuser
 from tfbackend.rules.findings import Severity
 from tfbackend.rules.registry import rule
 
@@ -164,7 +165,7 @@ def mla(ctx, r):
     nope = cfg.raw.get("qk_nope_head_dim")
     rope = cfg.raw.get("qk_rope_head_dim")
     dims = f" (qk_nope {nope} + qk_rope {rope})" if nope is not None and rope is not None else ""
-    if ctx.profile.fuses:
+    if ctx.profile.fuser(MLAFuser) is not None:
         yield from _mla_on_fuser_era(ctx, r, f"MLA with kv_lora_rank={cfg.kv_lora_rank}{dims}")
     else:
         yield r.finding(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from math import prod
 
-from tfbackend.replace.plan import K_EXPERTS, K_LINEAR
+from tfbackend.replace.plan import K_EXPERTS, K_LINEAR, Fallback
 from tfbackend.rules.findings import Severity
 from tfbackend.rules.registry import rule
 from tfbackend.units import size
@@ -55,15 +55,8 @@ def unknown_style(ctx, r):
     if ctx.tp <= 1:
         return
     by_style: dict[str, list] = {}
-    skip = _fuser_claimed(ctx)
     for e in ctx.plan.entries_of(K_LINEAR):
-        if skip(e.qualname):
-            continue
-        if (
-            e.tp_style
-            and e.tp_style not in ctx.profile.linear_styles
-            and ctx.profile.honours_tp_plan
-        ):
+        if e.extra.get("fallback") == Fallback.UNKNOWN_STYLE:
             by_style.setdefault(e.tp_style, []).append(e)
     bpp = _bytes_per_param(ctx)
     for style, entries in sorted(by_style.items()):
@@ -197,20 +190,6 @@ def vocab_divisible(ctx, r):
                 )
 
 
-def fusers_modelled(profile) -> bool:
-    """Whether the plan models the profile's fusers (its profile names their steps)."""
-    return bool(profile.fusion_steps)
-
-
-def _fuser_claimed(ctx):
-    """Linears vLLM 0.32's attention fusers (QKV, packed QKV, MLA) claim, o_proj included,
-    while the plan does not model the fusers: the tp_plan is not consulted for them."""
-    if not ctx.profile.fuses or fusers_modelled(ctx.profile):
-        return lambda qualname: False
-    attn = tuple(m.qualname + "." for m in ctx.facts.modules if m.kind == "attention")
-    return lambda qualname: qualname.startswith(attn)
-
-
 def _tp_plan_active(ctx) -> bool:
     return ctx.tp > 1 and bool(ctx.facts.tp_plan) and ctx.profile.honours_tp_plan
 
@@ -265,15 +244,7 @@ def replicated_linears(ctx, r):
         for e in ctx.plan.entries_of(K_LINEAR)
         if e.tp_style is None and e.target == "ReplicatedLinear"
     ]
-    note = ""
-    skip = _fuser_claimed(ctx)
-    kept = [e for e in left if not skip(e.qualname)]
-    if len(kept) != len(left):
-        note = " (attention projections left to vLLM's fusers)"
-    left = kept
-    unmodelled = ctx.profile.fuses and not fusers_modelled(ctx.profile)
-    if unmodelled:
-        note += "; vLLM's MLP fusers may claim some of these (not modelled in this plan)"
+    # (the plan models every fuser its profile names: what they claim is not in `left`)
     if not left:
         return
     bpp = _bytes_per_param(ctx)
@@ -286,8 +257,8 @@ def replicated_linears(ctx, r):
     small = total < 0.01 * max(ctx.facts.num_parameters, 1)
     yield r.finding(
         f"{len(left)} linear(s) replicated ({kinds}): {size(total * bpp)} in all, "
-        f"{size(extra)} more per rank than sharding would need{note}",
-        severity=Severity.INFO if small or unmodelled else Severity.WARNING,
+        f"{size(extra)} more per rank than sharding would need",
+        severity=Severity.INFO if small else Severity.WARNING,
         modules=sorted(sizes, key=lambda q: -sizes[q])[:16],
         params=total,
         extra_bytes_per_rank=extra,

@@ -1,4 +1,6 @@
-"""Which transformers activations have a vLLM `...AndMul` kernel (the GLU fuser's question)."""
+"""Names vLLM's fusers give and tables they read, without torch: which transformers activations
+have an `...AndMul` kernel (GLUFuser), and what a merged projection is called
+(MergedColumnParallelFuser)."""
 
 from __future__ import annotations
 
@@ -28,3 +30,8 @@ def act_and_mul_name(act: Any) -> str | None:
     if type(act) is nn.GELU:
         return "gelu_pytorch_tanh" if act.approximate == "tanh" else "gelu"
     return None
+
+
+def merged_name(names: list[str]) -> str:
+    """vLLM's name for the merged projection (lengths disambiguate `a_b` + `c` from `a` + `b_c`)."""
+    return "merged_proj_" + "_".join(f"{len(n)}_{n}" for n in names)

@@ -1,4 +1,4 @@
-"""The MLA fusion of the vllm-0.32 profile (vLLM's `fusers/mla.py` and `MLAAttention`).
+"""MLAFuser (vLLM fusers/mla.py) and the MLAAttention it makes.
 
 vLLM tries MLAFuser before every other fuser, and takes it on any model whose text config has
 `kv_lora_rank` (`validate`: `model_config.use_mla`). The matched module keeps its class and
@@ -14,66 +14,88 @@ layers fuse and others do not, it raises.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from tfbackend.inspect.facts import LINEAR, ModelFacts, ModuleFact
+from tfbackend.replace.fusers.base import Fuser, Outcome
 from tfbackend.replace.plan import K_LINEAR, NoteCode, PlanEntry, PlanNote, ReplacementPlan
 from tfbackend.replace.shards import column_shards, row_shards, whole_shards
-
-if TYPE_CHECKING:
-    from tfbackend.replace.profiles import Profile
 
 FUSER = "mla"
 MERGED_NAME = "fused_qkv_a_proj"
 LATENT_ATTN = "attn"  # VLLM_ATTN_ATTR: where MLAAttention (and its kv_b_proj alias) lives
 
 
-def fuse_mla(facts: ModelFacts, plan: ReplacementPlan, profile: Profile, stage_of):
-    """Entries for every module vLLM fuses as MLA (its linears are then left to no one else)."""
-    if facts.config.kv_lora_rank is None:
-        return []  # MLAFuser.validate: use_mla needs kv_lora_rank
-    linears = {m.qualname: m for m in facts.modules if m.kind == LINEAR}
-    entries: list[PlanEntry] = []
-    for m in facts.modules:
+class MLAFuser(Fuser):
+    name = "MLAFuser"
+    key = FUSER
+
+    def fuse(self, facts, plan, m, stage) -> Outcome | None:
+        """The module's MLA entries; a refused match is noted, and the next fuser is tried."""
         fact = m.attrs.get("mla")
-        if not fact:
-            continue
+        if not fact or facts.config.kv_lora_rank is None:
+            return None  # validate: use_mla needs kv_lora_rank
         if not fact.get("fuser"):
             plan.notes.append(
                 PlanNote(
-                    NoteCode.MLA_NOT_FUSED,
-                    f"not fused as MLA: {fact['reason']}",
-                    m.qualname,
+                    NoteCode.MLA_NOT_FUSED, f"not fused as MLA: {fact['reason']}", m.qualname,
                     m.class_name,
                 )
-            )
-            continue
-        made = _module_entries(m, fact, linears, plan.tp, stage_of(m.qualname))
+            )  # fmt: skip
+            return None
+        linears = {x: facts.module(f"{m.qualname}.{x}") for x in _role_names(fact)}
+        made = _module_entries(m, fact, linears, plan.tp, stage)
         if made is None:
             plan.notes.append(
                 PlanNote(
-                    NoteCode.MLA_ROLES_MISSING,
-                    "MLA roles not nn.Linear facts",
-                    m.qualname,
+                    NoteCode.MLA_ROLES_MISSING, "MLA roles not nn.Linear facts", m.qualname,
                     m.class_name,
                 )
+            )  # fmt: skip
+            return None
+        return Outcome(made)
+
+    def adjust_attention(self, facts: ModelFacts, plan: ReplacementPlan) -> None:
+        """The attention layers' geometry under MLA (base.py: _create_attention_instances)."""
+        cfg = facts.config
+        if cfg.kv_lora_rank is None:
+            return
+        rope = int(cfg.raw.get("qk_rope_head_dim") or 0)
+        nope = int(cfg.raw.get("qk_nope_head_dim") or 0)
+        fused = {e.extra["module"] for e in plan.entries if e.extra.get("fuser") == FUSER}
+        if not fused:
+            # vLLM warns and serves full attention; the head size becomes qk_nope + qk_rope
+            if nope + rope:
+                for a in plan.attention:
+                    a.head_size = nope + rope
+            plan.notes.append(
+                PlanNote(
+                    NoteCode.MLA_FALLBACK,
+                    f"kv_lora_rank={cfg.kv_lora_rank} but no layer fuses as MLA: vLLM falls back to "
+                    f"Attention (head size {nope + rope}, value heads padded), without the latent "
+                    "cache",
+                )
             )
-            continue
-        entries.extend(made)
-    return entries
+            return
+        for a in plan.attention:
+            if a.qualname in fused:
+                a.mla = True
+                a.num_kv_heads = a.kv_heads_per_rank = 1
+                a.kv_replicated = plan.tp > 1  # the one latent head lives whole on every rank
+                a.head_size = cfg.kv_lora_rank + rope
+            else:
+                text = (
+                    f"layer {a.layer_idx} ({a.qualname}) does not fuse as MLA while others do: "
+                    "vLLM raises ValueError (its latent KV cache cannot be allocated)"
+                )
+                plan.notes.append(PlanNote(NoteCode.MLA_MIXED, text, a.qualname, line=text))
 
 
-def fused_as_mla(plan: ReplacementPlan, qualname: str) -> bool:
-    """Whether an earlier step fused this module as MLA (its forward is taken: no other
-    projection fuser applies to it)."""
-    return any(
-        e.extra.get("fuser") == FUSER and e.extra.get("module") == qualname for e in plan.entries
-    )
+def _role_names(fact: dict) -> list[str]:
+    return [fact[r] for r in _ROLES if fact.get(r)]
 
 
 def _module_entries(m: ModuleFact, fact: dict, linears: dict, tp: int, stage) -> list | None:
-    role = {r: linears.get(f"{m.qualname}.{fact[r]}") for r in _ROLES if fact.get(r)}
-    if any(v is None for v in role.values()):
+    role = {r: linears.get(fact[r]) for r in _ROLES if fact.get(r)}
+    if any(v is None or v.kind != LINEAR for v in role.values()):
         return None
 
     def entry(qualname, sources, target, reason, params, **extra) -> PlanEntry:
@@ -150,39 +172,3 @@ def _column(entry, fact: ModuleFact, tp: int, reason: str) -> PlanEntry:
 
 def _row_params(fact: ModuleFact, tp: int) -> list:
     return row_shards(fact, tp) if tp > 1 else whole_shards(fact)
-
-
-def mla_attention(facts: ModelFacts, plan: ReplacementPlan) -> None:
-    """The attention layers' geometry under MLA (base.py: _create_attention_instances)."""
-    cfg = facts.config
-    if cfg.kv_lora_rank is None:
-        return
-    rope = int(cfg.raw.get("qk_rope_head_dim") or 0)
-    nope = int(cfg.raw.get("qk_nope_head_dim") or 0)
-    fused = {e.extra["module"] for e in plan.entries if e.extra.get("fuser") == FUSER}
-    if not fused:
-        # vLLM warns and serves full attention; the head size becomes qk_nope + qk_rope
-        if nope + rope:
-            for a in plan.attention:
-                a.head_size = nope + rope
-        plan.notes.append(
-            PlanNote(
-                NoteCode.MLA_FALLBACK,
-                f"kv_lora_rank={cfg.kv_lora_rank} but no layer fuses as MLA: vLLM falls back to "
-                f"Attention (head size {nope + rope}, value heads padded), without the latent "
-                "cache",
-            )
-        )
-        return
-    for a in plan.attention:
-        if a.qualname in fused:
-            a.mla = True
-            a.num_kv_heads = a.kv_heads_per_rank = 1
-            a.kv_replicated = plan.tp > 1  # the one latent head lives whole on every rank
-            a.head_size = cfg.kv_lora_rank + rope
-        else:
-            text = (
-                f"layer {a.layer_idx} ({a.qualname}) does not fuse as MLA while others do: "
-                "vLLM raises ValueError (its latent KV cache cannot be allocated)"
-            )
-            plan.notes.append(PlanNote(NoteCode.MLA_MIXED, text, a.qualname, line=text))
