@@ -9,8 +9,8 @@ import json
 import pickle
 
 from tests._rules_support import cached, findings
-from tfbackend.replace.fusers import MLAFuser, RMSNormFuser
-from tfbackend.replace.plan import Fallback, NoteCode, PlanNote
+from tfbackend.fusers import MLAFuser, RMSNormFuser
+from tfbackend.plan import Fallback, NoteCode, PlanNote
 from tfbackend.replace.planner import build_plan
 from tfbackend.replace.profiles import PROFILES, Capability
 

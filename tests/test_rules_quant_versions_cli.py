@@ -12,7 +12,7 @@ from _rules_support import cached, facts, findings, llama, severities
 
 from tfbackend.check import CheckOptions, check_facts
 from tfbackend.errors import UserError
-from tfbackend.replace.plan import ReplacementPlan
+from tfbackend.plan import ReplacementPlan
 from tfbackend.replace.profiles import PROFILES, select_profile
 from tfbackend.rules.registry import REGISTRY, RuleContext, load_all
 

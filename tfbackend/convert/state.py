@@ -37,7 +37,7 @@ from tfbackend.convert.layout import (
 from tfbackend.convert.sources import SourceIndex
 from tfbackend.inspect.checkpoint import FLOAT_DTYPES
 from tfbackend.inspect.facts import EXPERTS, ModelFacts
-from tfbackend.replace.plan import (
+from tfbackend.plan import (
     K_EMBEDDING,
     K_EXPERTS,
     K_LINEAR,

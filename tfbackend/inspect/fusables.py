@@ -6,7 +6,7 @@ succeeds; both sides decide. We take the same trace (`fxtrace.py`), the same mat
 (`fx_match.py`) and the same source checks (`rewrite.py`), without vLLM. One analysis per
 (class, children, linear shapes), as vLLM caches per class; what does not fuse is recorded with
 the reason. Which match wins is the profile's fuser order, and shape checks that depend on tp
-(vLLM's `validate`) are the fusers' (replace/fusers/): the facts only say what matched.
+(vLLM's `validate`) are the fusers' (fusers/): the facts only say what matched.
 """
 
 from __future__ import annotations

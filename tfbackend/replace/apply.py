@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from tfbackend.plan import K_EMBEDDING, PlanEntry, ReplacementPlan
 from tfbackend.replace import layers as L
 from tfbackend.replace.builders import Kept, NotBuildable, Site, build, install, module_name
-from tfbackend.replace.plan import K_EMBEDDING, PlanEntry, ReplacementPlan
 
 __all__ = ["Applied", "NotBuildable", "apply", "base_prefix", "module_name"]
 

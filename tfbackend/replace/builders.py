@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from tfbackend.plan import K_UNCHANGED, AttentionSpec, PlanEntry, ReplacementPlan
 from tfbackend.replace import layers as L
-from tfbackend.replace.plan import K_UNCHANGED, AttentionSpec, PlanEntry, ReplacementPlan
 
 ALIAS = "alias"
 UNCHANGED = "unchanged"

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from tfbackend.inspect.facts import ModelFacts, ModuleFact
-from tfbackend.replace.plan import NoteCode, PlanEntry, PlanNote, ReplacementPlan
+from tfbackend.plan import NoteCode, PlanEntry, PlanNote, ReplacementPlan
 
 if TYPE_CHECKING:
     from tfbackend.replace.profiles import Profile

@@ -11,9 +11,9 @@ fused or recursed into, so the children of a swapped module (Inkling's
 from __future__ import annotations
 
 from tfbackend.inspect.facts import CONV, LAYERNORM, LINEAR, ModelFacts, ModuleFact
-from tfbackend.replace.plan import K_CONV, K_EMBEDDING, K_UNCHANGED, PlanEntry, ReplacementPlan
+from tfbackend.plan import K_CONV, K_EMBEDDING, K_UNCHANGED, PlanEntry, ReplacementPlan
+from tfbackend.plan.shards import replicated_shards
 from tfbackend.replace.profiles import Capability, Profile
-from tfbackend.replace.shards import replicated_shards
 
 
 def conv_target(m: ModuleFact) -> str | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 
+from tfbackend.fusers import AttentionFuser, RMSNormFuser
 from tfbackend.inspect.facts import (
     ATTENTION,
     CONV1D,
@@ -21,13 +22,7 @@ from tfbackend.inspect.facts import (
     ModelFacts,
     ModuleFact,
 )
-from tfbackend.replace.attention import layer_heads, own_params
-from tfbackend.replace.experts import plan_experts
-from tfbackend.replace.fusers import AttentionFuser, RMSNormFuser
-from tfbackend.replace.fusing import fuse
-from tfbackend.replace.leaves import leave_unvisited, plan_convs
-from tfbackend.replace.pipeline import stage_layout
-from tfbackend.replace.plan import (
+from tfbackend.plan import (
     K_EMBEDDING,
     K_LAYERNORM,
     K_LINEAR,
@@ -42,8 +37,13 @@ from tfbackend.replace.plan import (
     PlanNote,
     ReplacementPlan,
 )
+from tfbackend.plan.attention import layer_heads, own_params
+from tfbackend.plan.experts import plan_experts
+from tfbackend.plan.shards import SHARDERS, pad_vocab, replicated_shards, split
+from tfbackend.replace.fusing import fuse
+from tfbackend.replace.leaves import leave_unvisited, plan_convs
+from tfbackend.replace.pipeline import stage_layout
 from tfbackend.replace.profiles import Capability, Profile
-from tfbackend.replace.shards import SHARDERS, pad_vocab, replicated_shards, split
 
 _LAYER_INDEX = re.compile(r"^model\.(?P<list>.+?)\.(?P<idx>\d+)(\.|$)")
 

@@ -21,8 +21,7 @@ from enum import Enum
 
 from packaging.version import Version
 
-from tfbackend.inspect.vllm_config import VLLM_CONFIG_CLASSES
-from tfbackend.replace.fusers import (
+from tfbackend.fusers import (
     AttentionFuser,
     Fuser,
     GLUFuser,
@@ -33,6 +32,7 @@ from tfbackend.replace.fusers import (
     QKVFuser,
     RMSNormFuser,
 )
+from tfbackend.inspect.vllm_config import VLLM_CONFIG_CLASSES
 
 # style → (vLLM class, what changes about the shard)
 SEED_STYLES: dict[str, str] = {

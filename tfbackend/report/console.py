@@ -8,7 +8,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from tfbackend.replace.plan import K_UNCHANGED
+from tfbackend.plan import K_UNCHANGED
 from tfbackend.report.model import CheckReport
 from tfbackend.rules.findings import Severity, Verdict
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tfbackend.replace.fusers import MLAFuser
+from tfbackend.fusers import MLAFuser
 from tfbackend.rules.findings import Severity
 from tfbackend.rules.registry import rule
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tfbackend.replace.plan import NoteCode
+from tfbackend.plan import NoteCode
 from tfbackend.rules.findings import Severity
 from tfbackend.rules.registry import rule
 

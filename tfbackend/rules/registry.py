@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tfbackend.inspect.facts import ModelFacts
-from tfbackend.replace.plan import ReplacementPlan
+from tfbackend.plan import ReplacementPlan
 from tfbackend.replace.profiles import Profile
 from tfbackend.rules.findings import Finding, Severity
 

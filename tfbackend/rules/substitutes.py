@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from tfbackend.inspect.facts import ATTENTION, EXPERTS
 from tfbackend.inspect.linear_forward import UNRUN
-from tfbackend.replace.plan import K_LINEAR
+from tfbackend.plan import K_LINEAR
 from tfbackend.rules.findings import Severity
 from tfbackend.rules.registry import rule
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from math import prod
 
-from tfbackend.replace.plan import K_EXPERTS, K_LINEAR, Fallback
+from tfbackend.plan import K_EXPERTS, K_LINEAR, Fallback
 from tfbackend.rules.findings import Severity
 from tfbackend.rules.registry import rule
 from tfbackend.units import size

@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-from tfbackend.replace.fusers.base import Fuser, Outcome, candidate, linear, out_proj
-from tfbackend.replace.fusers.qkv import qkv_parallel
+from tfbackend.fusers.base import Fuser, Outcome, candidate, linear, out_proj
+from tfbackend.fusers.qkv import qkv_parallel
 
 
 class PackedQKVFuser(Fuser):

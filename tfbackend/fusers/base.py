@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from tfbackend.inspect.facts import LINEAR, ModelFacts, ModuleFact
-from tfbackend.replace.plan import K_LINEAR, PlanEntry, ReplacementPlan
-from tfbackend.replace.shards import replicated_shards, row_shards
+from tfbackend.plan import K_LINEAR, PlanEntry, ReplacementPlan
+from tfbackend.plan.shards import replicated_shards, row_shards
 
 
 @dataclass

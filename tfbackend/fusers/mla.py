@@ -14,10 +14,10 @@ layers fuse and others do not, it raises.
 
 from __future__ import annotations
 
+from tfbackend.fusers.base import Fuser, Outcome
 from tfbackend.inspect.facts import LINEAR, ModelFacts, ModuleFact
-from tfbackend.replace.fusers.base import Fuser, Outcome
-from tfbackend.replace.plan import K_LINEAR, NoteCode, PlanEntry, PlanNote, ReplacementPlan
-from tfbackend.replace.shards import column_shards, row_shards, whole_shards
+from tfbackend.plan import K_LINEAR, NoteCode, PlanEntry, PlanNote, ReplacementPlan
+from tfbackend.plan.shards import column_shards, row_shards, whole_shards
 
 FUSER = "mla"
 MERGED_NAME = "fused_qkv_a_proj"

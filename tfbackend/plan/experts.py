@@ -4,8 +4,8 @@ backends before the fusers (seed `transformers_moe.py`)."""
 from __future__ import annotations
 
 from tfbackend.inspect.facts import EXPERTS, ModelFacts, ModuleFact
-from tfbackend.replace.plan import K_EXPERTS, MoESpec, ParamShard, PlanEntry, ReplacementPlan
-from tfbackend.replace.shards import split
+from tfbackend.plan import K_EXPERTS, MoESpec, ParamShard, PlanEntry, ReplacementPlan
+from tfbackend.plan.shards import split
 
 
 def moe_activation(facts: ModelFacts) -> str:

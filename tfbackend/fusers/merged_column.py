@@ -3,8 +3,7 @@ on a forward input becomes a MergedColumnParallelLinear under vLLM's programmati
 
 from __future__ import annotations
 
-from tfbackend.inspect.vllm_names import merged_name
-from tfbackend.replace.fusers.base import (
+from tfbackend.fusers.base import (
     Fuser,
     Outcome,
     candidate,
@@ -12,8 +11,9 @@ from tfbackend.replace.fusers.base import (
     linear,
     same_input_and_bias,
 )
-from tfbackend.replace.plan import K_LINEAR
-from tfbackend.replace.shards import stacked_shards
+from tfbackend.inspect.vllm_names import merged_name
+from tfbackend.plan import K_LINEAR
+from tfbackend.plan.shards import stacked_shards
 
 
 def merged(facts, plan, parent, names: list[str], stage, fuser: str, name: str):

@@ -7,7 +7,7 @@ no step has to reach back into the planner for them.
 from __future__ import annotations
 
 from tfbackend.inspect.facts import ModuleFact
-from tfbackend.replace.plan import ParamShard
+from tfbackend.plan import ParamShard
 
 
 def pad_vocab(vocab: int, pad_to: int = 64) -> int:

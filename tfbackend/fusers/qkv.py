@@ -3,7 +3,7 @@ head-sharded QKVParallelLinear `qkv_proj`; the projection the forward returns is
 
 from __future__ import annotations
 
-from tfbackend.replace.fusers.base import (
+from tfbackend.fusers.base import (
     Fuser,
     Outcome,
     candidate,
@@ -12,8 +12,8 @@ from tfbackend.replace.fusers.base import (
     out_proj,
     same_input_and_bias,
 )
-from tfbackend.replace.plan import K_LINEAR
-from tfbackend.replace.shards import stacked_shards
+from tfbackend.plan import K_LINEAR
+from tfbackend.plan.shards import stacked_shards
 
 
 def qkv_parallel(qualname, parts, q_out, kv_out, hd, tp, stage, fuser, why):

@@ -5,8 +5,8 @@ apart (inspect/norms.py: attrs["variant"])."""
 
 from __future__ import annotations
 
+from tfbackend.fusers.base import Fuser
 from tfbackend.inspect.facts import NORM_GATED, NORM_NO_WEIGHT, NORM_OFFSET, NORM_PLAIN, ModuleFact
-from tfbackend.replace.fusers.base import Fuser
 
 
 class RMSNormFuser(Fuser):

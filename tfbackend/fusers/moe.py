@@ -6,10 +6,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from tfbackend.fusers.base import Fuser, entry, linear
 from tfbackend.inspect.facts import EXPERTS, ModelFacts, ModuleFact
-from tfbackend.replace.experts import moe_spec
-from tfbackend.replace.fusers.base import Fuser, entry, linear
-from tfbackend.replace.plan import (
+from tfbackend.plan import (
     K_EXPERTS,
     K_LINEAR,
     K_ROUTER,
@@ -21,7 +20,8 @@ from tfbackend.replace.plan import (
     PlanNote,
     ReplacementPlan,
 )
-from tfbackend.replace.shards import replicated_shards
+from tfbackend.plan.experts import moe_spec
+from tfbackend.plan.shards import replicated_shards
 
 
 class MoEBlockFuser(Fuser):

@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
+from tfbackend.fusers.base import Fuser, Outcome, candidate, entry, linear, row_parallel
+from tfbackend.fusers.merged_column import merged
 from tfbackend.inspect.vllm_names import ACT_AND_MUL
-from tfbackend.replace.fusers.base import Fuser, Outcome, candidate, entry, linear, row_parallel
-from tfbackend.replace.fusers.merged_column import merged
-from tfbackend.replace.plan import K_ACTIVATION
+from tfbackend.plan import K_ACTIVATION
 
 
 class GLUFuser(Fuser):

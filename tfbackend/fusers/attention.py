@@ -4,10 +4,10 @@ its learned sinks (`s_aux=self.<attr>`) as a parameter of `numel // tp` elements
 
 from __future__ import annotations
 
+from tfbackend.fusers.base import Fuser
 from tfbackend.inspect.facts import ModuleFact
-from tfbackend.replace.attention import own_params
-from tfbackend.replace.fusers.base import Fuser
-from tfbackend.replace.plan import ParamShard
+from tfbackend.plan import ParamShard
+from tfbackend.plan.attention import own_params
 
 
 class AttentionFuser(Fuser):
