@@ -136,7 +136,18 @@ def test_select_ignore_and_strict():
     assert gpt2_like.verdict.value == "PASS"
     # A warning that does not depend on what is installed: a tp_plan style the per-linear
     # backend does not know (TFB202), tensor-parallel rules only.
-    odd = facts(llama(base_model_tp_plan={"layers.*.mlp.up_proj": "packed_colwise"}))
+    # Attention stays split as Llama's own plan has it: with q/k/v replicated under heads split
+    # per rank the model would be broken (TFB220), not merely warned about.
+    attention = {f"layers.*.self_attn.{p}_proj": "colwise" for p in "qkv"}
+    odd = facts(
+        llama(
+            base_model_tp_plan={
+                **attention,
+                "layers.*.self_attn.o_proj": "rowwise",
+                "layers.*.mlp.up_proj": "packed_colwise",
+            }
+        )
+    )
     options = dict(tp=2, vllm_version="0.11", select=["TFB2"])
     warned = check_facts(odd, CheckOptions(**options))
     assert warned.verdict.value == "PASS WITH WARNINGS"

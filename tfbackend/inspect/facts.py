@@ -137,6 +137,9 @@ class ModelFacts:
     architecture_compatible: bool | None = None  # vLLM 0.32's registry gate; None: not judged
     vllm_config_class: str | None = None  # the installed vLLM's own config class, when it has one
     vllm_config_error: str | None = None  # why transformers cannot build from vLLM's class
+    # Whether the base model's own code ever applies `config.sliding_window` (a sliding-window
+    # mask, or `sliding_window=` handed to the attention interface); None: source unreadable.
+    builds_sliding_mask: bool | None = None
 
     def module(self, qualname: str) -> ModuleFact | None:
         """The fact for one module, by qualname (planning looks modules up per fused projection)."""

@@ -13,6 +13,7 @@ EXAMPLES: dict[str, str] = {
     "TFB110": "emu3's text config (Emu3TextConfig) saved alone: AutoModel has no mapping for it",
     "TFB111": "deepseek_v32: vLLM 0.32 reads it as DeepseekV3Config (no indexer)",
     "TFB112": "cohere_compass_text: rope_parameters with mrope_section, text-only",
+    "TFB120": "falcon_h1: the Mamba mixer's depthwise conv1d; zaya: CCA's conv_qk_depthwise",
     "TFB108": "gemma3 (vision_config), qwen2_5_omni (audio and vision towers)",
     "TFB201": "gpt2 at --tp 2: no base_model_tp_plan",
     "TFB202": "deepseek_v3 at --tp 8: 'packed_colwise' experts style",
@@ -28,6 +29,10 @@ EXAMPLES: dict[str, str] = {
     "TFB212": "gpt2 at --tp 2: c_attn and c_proj are Conv1D",
     "TFB214": "stablelm at --tp 2: query_states.view(bsz, q_len, self.num_heads, self.head_dim)",
     "TFB215": "phi3 at --tp 2: qkv_proj is colwise_gather_output in its tp_plan",
+    "TFB220": "ctrl at --tp 2: Wq/Wk/Wv replicated (no tp_plan, not fused), heads split",
+    "TFB221": "bert-generation at --tp 2: attention.self's split heads go to a replicated "
+    "attention.output.dense",
+    "TFB222": "gemma3n_text at --tp 2: activation sparsity takes mean/std of the split gate_proj",
     "TFB213": "bitnet at --tp 2: down_proj (replicated) reads the merged gate/up slices",
     "TFB301": "a model without base_model_pp_plan at --pp 2",
     "TFB302": "a model with two layer ModuleLists at --pp 2",
@@ -41,6 +46,9 @@ EXAMPLES: dict[str, str] = {
     "TFB404": "gpt_oss: learned attention sinks passed as s_aux",
     "TFB405": "deepseek_v3: kv_lora_rank 512",
     "TFB406": "whisper: self_attn and encoder_attn of a decoder layer both have layer_idx 0",
+    "TFB410": "doge: DogeAttention passes its dynamic mask attn_mask to the interface",
+    "TFB411": "moshi with sliding_window 8 < max_position_embeddings and no sliding mask in its code",
+    "TFB412": "jetmoe: key_states.repeat(1, top_k, 1, 1) before the attention interface",
     "TFB501": "gemma (x̂·(1+w)) checked with --vllm-version 0.6: the name-based port makes it "
     "RMSNorm",
     "TFB502": "qwen3_next: Qwen3NextRMSNormGated(x, gate)",
