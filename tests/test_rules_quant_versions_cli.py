@@ -135,14 +135,13 @@ def test_select_ignore_and_strict():
     gpt2_like = check_facts(facts(llama(architectures=None)), CheckOptions(tp=2, pp=2))
     assert gpt2_like.verdict.value == "PASS"
     # A warning that does not depend on what is installed: a tp_plan style the per-linear
-    # backend does not know (TFB202), tensor-parallel rules only.
-    # Attention stays split as Llama's own plan has it: with q/k/v replicated under heads split
-    # per rank the model would be broken (TFB220), not merely warned about.
-    attention = {f"layers.*.self_attn.{p}_proj": "colwise" for p in "qkv"}
+    # backend does not know (TFB202), tensor-parallel rules only. Attention stays split: with
+    # replicated q/k/v, vLLM's Attention (heads / tp per rank) would get every head (TFB216).
+    split_attention = {f"layers.*.self_attn.{p}_proj": "colwise" for p in "qkv"}
     odd = facts(
         llama(
             base_model_tp_plan={
-                **attention,
+                **split_attention,
                 "layers.*.self_attn.o_proj": "rowwise",
                 "layers.*.mlp.up_proj": "packed_colwise",
             }

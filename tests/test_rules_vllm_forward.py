@@ -98,14 +98,16 @@ def test_neighbours_mix_tokens_only_in_attention(folder, model_type):
 
 @pytest.mark.parametrize("model_type", ["ctrl", "moshi", "jetmoe", "zaya", "falcon_h1"])
 def test_replicated_projections_into_split_heads_fail_at_tp2(folder, model_type):
-    (found,) = _found(folder, model_type, 2, "TFB220")
+    # TFB216 reads every linear inside the attention module (Moshi's q_proj.linear, Zaya's
+    # qkv_proj.q_proj): vLLM's CPU build died of SIGSEGV on all five at tp 2.
+    (found,) = _found(folder, model_type, 2, "TFB216")
     assert found.severity.value == "error" and "replicated" in found.message
-    assert _found(folder, model_type, 1, "TFB220") == []
+    assert _found(folder, model_type, 1, "TFB216") == []
 
 
 @pytest.mark.parametrize("model_type", [*NEIGHBOURS, "gpt_bigcode"])
 def test_split_projections_are_fine(folder, model_type):
-    assert _found(folder, model_type, 2, "TFB220") == []
+    assert _found(folder, model_type, 2, "TFB216") == []
     assert _found(folder, model_type, 2, "TFB221") == []
     assert _found(folder, model_type, 2, "TFB222") == []
 

@@ -255,3 +255,108 @@ def head_count_reshapes(module) -> tuple[str, ...]:
     for tree in _helper_trees(type(module)):
         visit(tree)
     return tuple(found)
+
+
+MASK = "attention_mask"
+
+
+def _mask_test(test: ast.expr) -> bool | None:
+    """The value of `attention_mask is (not) None` (alone or and-ed with other tests) when the
+    mask is None, as it is under vLLM; None when the test does not say."""
+    tests = test.values if isinstance(test, ast.BoolOp) and isinstance(test.op, ast.And) else [test]
+    for t in tests:
+        if (
+            isinstance(t, ast.Compare)
+            and isinstance(t.left, ast.Name)
+            and t.left.id == MASK
+            and len(t.ops) == 1
+            and isinstance(t.comparators[0], ast.Constant)
+            and t.comparators[0].value is None
+        ):
+            if isinstance(t.ops[0], ast.IsNot):
+                return False  # an and-chain holding `mask is not None` is False
+            if isinstance(t.ops[0], ast.Is) and len(tests) == 1:
+                return True
+        if isinstance(t, ast.Name) and t.id == MASK:
+            return False
+    return None
+
+
+def _implementation_test(test: ast.expr) -> bool | None:
+    """`self.config._attn_implementation == "eager"` (or `in (...)`) evaluated for vLLM's "vllm"."""
+    if not (
+        isinstance(test, ast.Compare)
+        and len(test.ops) == 1
+        and ast.unparse(test.left).endswith("_attn_implementation")
+    ):
+        return None
+    try:
+        right = ast.literal_eval(test.comparators[0])
+    except ValueError:
+        return None
+    op = test.ops[0]
+    if isinstance(op, (ast.Eq, ast.NotEq)):
+        hit = right == "vllm"
+    elif isinstance(op, (ast.In, ast.NotIn)) and isinstance(right, (tuple, list, set)):
+        hit = "vllm" in right
+    else:
+        return None
+    return hit if isinstance(op, (ast.Eq, ast.In)) else not hit
+
+
+def tensor_mask_reads(module) -> tuple[str, ...]:
+    """Where the module's forward uses `attention_mask` as a tensor (`attention_mask[...]`,
+    `attention_mask.dtype`) on the branches this instance takes under vLLM, outside any
+    `attention_mask is not None` guard, before anything reassigns it. vLLM passes no mask: the
+    model's masking_utils calls return None for its "vllm" attention implementation."""
+    fn = type(module).__dict__.get("forward") or getattr(type(module), "forward", None)
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(inspect.unwrap(fn))))
+    except (OSError, SyntaxError, TypeError):
+        return ()
+    func = tree.body[0] if tree.body else None
+    if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        return ()
+    if MASK not in {a.arg for a in [*func.args.args, *func.args.kwonlyargs]}:
+        return ()
+    assigned = [
+        t.lineno
+        for n in ast.walk(func)
+        if isinstance(n, (ast.Assign, ast.AugAssign, ast.AnnAssign))
+        for t in (n.targets if isinstance(n, ast.Assign) else [n.target])
+        if isinstance(t, ast.Name) and t.id == MASK
+    ]
+    until = min(assigned, default=10**9)
+    found: list[str] = []
+
+    def branch(test: ast.expr) -> bool | None:
+        for decide in (_mask_test, _implementation_test):
+            if (value := decide(test)) is not None:
+                return value
+        return _branch(test, module)
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, (ast.If, ast.IfExp)) and (taken := branch(node.test)) is not None:
+            for child in _as_list(node.body if taken else node.orelse):
+                visit(child)
+            return
+        if (
+            isinstance(node, (ast.Subscript, ast.Attribute))
+            and isinstance(node.value, ast.Name)
+            and node.value.id == MASK
+            and node.lineno < until
+        ):
+            text = ast.unparse(node)
+            if text not in found:
+                found.append(text)
+            return
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    for stmt in func.body:
+        visit(stmt)
+    return tuple(found)
+
+
+def _as_list(body) -> list:
+    return body if isinstance(body, list) else [body]

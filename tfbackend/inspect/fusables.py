@@ -15,17 +15,6 @@ from typing import Any
 
 from tfbackend.inspect.rewrite import forward_source
 
-# transformers activation names with a vLLM `...AndMul` kernel
-# (vllm/model_executor/layers/activation.py: _ACTIVATION_AND_MUL_REGISTRY)
-ACT_AND_MUL = {
-    "gelu": "GeluAndMul",
-    "gelu_pytorch_tanh": "GeluAndMul",
-    "silu": "SiluAndMul",
-    "swish": "SiluAndMul",
-    "geglu": "GeluAndMul",
-    "swigluoai": "SwigluOAIAndMul",
-}
-
 _cache: dict[tuple, dict[str, Any] | None] = {}
 
 
@@ -61,24 +50,10 @@ def fusion_fact(module: Any) -> dict[str, Any] | None:
     return _cache[key]
 
 
-def act_and_mul_name(act: Any) -> str | None:
-    """The `...AndMul` name for a transformers activation module (vLLM's GLUFuser rule)."""
-    import torch.nn as nn
-    from transformers.activations import ACT2CLS
-
-    for name, cls in ACT2CLS.items():
-        cls = cls[0] if isinstance(cls, tuple) else cls
-        if type(act) is cls and name in ACT_AND_MUL:
-            return name
-    if type(act) is nn.GELU:
-        return "gelu_pytorch_tanh" if act.approximate == "tanh" else "gelu"
-    return None
-
-
 def _analyse(module: Any) -> dict[str, Any]:
     """vLLM's `get_fusers` for this class: each fuser's match on the FX trace, kept only when
     its forward rewrite would succeed (`fx_match`, `rewrite`), in vLLM's priority order."""
-    from tfbackend.inspect import fx_match, rewrite
+    from tfbackend.inspect import fx_match, rewrite  # torch.fx: imported when a module is read
     from tfbackend.inspect.fxtrace import trace
 
     graph = trace(module)

@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import fx, nn
 
+from tfbackend.inspect.activations import act_and_mul_name
 from tfbackend.inspect.fxtrace import is_linear, peel, returned_linear, upstream_linear
 
 
@@ -42,7 +43,6 @@ def _by_placeholder(graph: fx.Graph, module: nn.Module) -> list[list[fx.Node]]:
 
 def glu(graph: fx.Graph, module: nn.Module) -> dict[str, Any] | None:
     """`act(gate(x)) * up(x)`: the first such multiply; `down` reads the product."""
-    from tfbackend.inspect.fusables import act_and_mul_name
 
     def act_of_gate(node: object) -> bool:
         return (

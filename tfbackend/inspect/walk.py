@@ -13,6 +13,7 @@ from tfbackend.inspect.facts import (
     CONV1D,
     EMBEDDING,
     EXPERTS,
+    LAYERNORM,
     LINEAR,
     MODULE_LIST,
     NORM,
@@ -25,11 +26,10 @@ from tfbackend.inspect.facts import (
 )
 from tfbackend.inspect.fusables import fusion_fact
 from tfbackend.inspect.heterogeneous import layer_geometry, whole_model
+from tfbackend.inspect.linear_forward import linear_forward_fact
 from tfbackend.inspect.mla import mla_fact
 from tfbackend.inspect.moe_blocks import moe_block_fact
 from tfbackend.inspect.norms import EPS_ATTRS, classify_norm, norm_eps, zero_initialised
-
-LAYERNORM = "layernorm"
 
 # Attribute aliases, in the order the backend tries them.
 NUM_EXPERTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
@@ -240,6 +240,7 @@ def walk(model: Any, config: Any, text: Any, source: SourceInfo) -> ModelFacts:
         input_embedding = None
     modules: list[ModuleFact] = []
     norm_cache: dict[tuple, tuple[str, bool, bool | None]] = {}
+    linear_cache: dict[tuple, dict[str, Any] | None] = {}
     experts_prefixes: list[str] = []
     has_non_causal = False
     for name, module in model.named_modules():
@@ -266,6 +267,11 @@ def walk(model: Any, config: Any, text: Any, source: SourceInfo) -> ModelFacts:
                 "out_features": module.out_features,
                 "bias": module.bias is not None,
             }
+            key = (cls, module.in_features, module.out_features, module.bias is not None)
+            if key not in linear_cache:
+                linear_cache[key] = linear_forward_fact(module)
+            if linear_cache[key] is not None:
+                fact.attrs["own_forward"] = linear_cache[key]
         elif Conv1D and isinstance(module, Conv1D):
             fact.kind = CONV1D
             fact.attrs = {"in_features": module.nx, "out_features": module.nf}
@@ -336,6 +342,8 @@ def walk(model: Any, config: Any, text: Any, source: SourceInfo) -> ModelFacts:
                 }
                 if reshapes := attn.head_count_reshapes(module):
                     fact.attrs["head_count_reshapes"] = list(reshapes)
+                if reads := attn.tensor_mask_reads(module):
+                    fact.attrs["tensor_mask_reads"] = list(reads)
         if isinstance(module, nn.Conv1d):
             # groups == channels: a depthwise (short) convolution, which vLLM feeds its packed
             # batch as one sequence
@@ -376,6 +384,23 @@ def walk(model: Any, config: Any, text: Any, source: SourceInfo) -> ModelFacts:
         num_parameters=sum(p.numel() for p in model.parameters()),
         modules=modules,
         versions=versions(),
+        masks_from_masking_utils=_uses_masking_utils(model),
+    )
+
+
+def _uses_masking_utils(model: Any) -> bool:
+    """Whether the base model's module builds its masks with transformers' masking_utils, whose
+    functions return None for an attention implementation they do not know (vLLM's "vllm")."""
+    import sys
+
+    source = sys.modules.get(type(model).__module__)
+    return (
+        any(
+            getattr(value, "__module__", None) == "transformers.masking_utils"
+            for value in vars(source).values()
+        )
+        if source is not None
+        else False
     )
 
 

@@ -10,21 +10,29 @@ What did not fuse is written into `plan.notes` with the reason.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
+from tfbackend.inspect.activations import ACT_AND_MUL
 from tfbackend.inspect.facts import EXPERTS, LINEAR, ModelFacts, ModuleFact
+from tfbackend.replace.experts import moe_spec
+from tfbackend.replace.mla import fused_as_mla
 from tfbackend.replace.plan import (
+    K_ACTIVATION,
     K_EXPERTS,
     K_LINEAR,
+    K_ROUTER,
+    K_SHARED_EXPERTS,
     K_UNCHANGED,
+    NoteCode,
     ParamShard,
     PlanEntry,
+    PlanNote,
     ReplacementPlan,
 )
-from tfbackend.replace.profiles import Profile
+from tfbackend.replace.shards import replicated_shards, row_shards, stacked_shards
 
-K_ACTIVATION = "activation"
-K_ROUTER = "router"
-K_SHARED_EXPERTS = "shared_experts"
+if TYPE_CHECKING:
+    from tfbackend.replace.profiles import Profile
 
 # Priority order of vLLM's FUSERS tuple (MLA is not modelled: see notes).
 _PRIORITY = ("glu", "qkv", "packed_qkv", "merged_column")
@@ -49,17 +57,7 @@ def _entry(qualname, sources, source_class, kind, target, reason, params, stage,
     )
 
 
-def _stacked_params(parts: list[ModuleFact], full_out: int, rank_out: int) -> list[ParamShard]:
-    inp = parts[0].attrs["in_features"]
-    shards = [ParamShard("weight", [full_out, inp], [rank_out, inp], 0)]
-    if parts[0].attrs.get("bias"):
-        shards.append(ParamShard("bias", [full_out], [rank_out], 0))
-    return shards
-
-
 def _row(fact: ModuleFact, tp: int, why: str, stage) -> PlanEntry:
-    from tfbackend.replace.planner import row_shards
-
     return _entry(
         fact.qualname,
         [fact.qualname],
@@ -67,13 +65,9 @@ def _row(fact: ModuleFact, tp: int, why: str, stage) -> PlanEntry:
         K_LINEAR,
         "RowParallelLinear",
         why,
-        row_shards(fact, tp) if tp > 1 else _full(fact),
+        row_shards(fact, tp) if tp > 1 else replicated_shards(fact),
         stage,
     )
-
-
-def _full(fact: ModuleFact) -> list[ParamShard]:
-    return [ParamShard(n, list(s), list(s), None) for n, s in fact.params.items()]
 
 
 def _same_input_and_bias(parts: list[ModuleFact]) -> bool:
@@ -139,7 +133,7 @@ def _qkv_parallel(qualname, parts, q_out, kv_out, hd, tp, stage, fuser, why) -> 
         K_LINEAR,
         "QKVParallelLinear",
         f"{why} (vLLM {'QKVFuser' if fuser == 'qkv' else 'PackedQKVFuser'})",
-        _stacked_params(parts, full_out, rank_out),
+        stacked_shards(parts, full_out, rank_out),
         stage,
         fuser=fuser,
         num_heads=heads_rank,
@@ -170,7 +164,7 @@ def _merged(facts, plan, parent, names: list[str], stage, fuser: str, name: str)
         K_LINEAR,
         "MergedColumnParallelLinear",
         f"{' + '.join(names)} merged (vLLM {fuser} fuser)",
-        _stacked_params(parts, sum(outs), sum(outs) // plan.tp),
+        stacked_shards(parts, sum(outs), sum(outs) // plan.tp),
         stage,
         fuser=fuser,
         output_sizes=outs,
@@ -192,8 +186,6 @@ def _glu(facts, plan, parent, cand: dict, stage) -> tuple[list[PlanEntry], str]:
     )
     if merged is None:
         return [], why
-    from tfbackend.inspect.fusables import ACT_AND_MUL
-
     act_class = ACT_AND_MUL[cand["act_and_mul"]]
     merged.extra["activation"] = cand["act_and_mul"]
     act = f"{parent.qualname}.{cand['act']}"
@@ -218,21 +210,19 @@ def _glu(facts, plan, parent, cand: dict, stage) -> tuple[list[PlanEntry], str]:
 
 def merged_name(names: list[str]) -> str:
     """vLLM's programmatic name for a merged projection (MergedColumnParallelFuser)."""
-    from tfbackend.inspect.fx_match import merged_name as vllm_name
+    from tfbackend.inspect.fx_match import merged_name as vllm_name  # torch.fx, when needed
 
     return vllm_name(names)
 
 
 def fuse_projections(facts: ModelFacts, plan: ReplacementPlan, profile: Profile, stage_of):
-    from tfbackend.replace.mla import fused_as_mla
-
     entries: list[PlanEntry] = []
     for m in facts.modules:
         fact = m.attrs.get("fusion")
         if not fact or fused_as_mla(plan, m.qualname):
             continue
         if not fact.get("fuser"):
-            plan.notes.append(f"{m.qualname} ({m.class_name}): not fused: {fact.get('reason')}")
+            plan.notes.append(_not_fused(m, str(fact.get("reason"))))
             continue
         stage = stage_of(m.qualname)
         why_not: list[str] = []
@@ -257,8 +247,12 @@ def fuse_projections(facts: ModelFacts, plan: ReplacementPlan, profile: Profile,
                 break
             why_not.append(f"{cand['fuser']}: {why}")
         else:
-            plan.notes.append(f"{m.qualname} ({m.class_name}): not fused: {'; '.join(why_not)}")
+            plan.notes.append(_not_fused(m, "; ".join(why_not)))
     return entries
+
+
+def _not_fused(m: ModuleFact, why: str) -> PlanNote:
+    return PlanNote(NoteCode.NOT_FUSED, f"not fused: {why}", m.qualname, m.class_name)
 
 
 def _block_match(facts: ModelFacts, experts: ModuleFact, notes: list[str]):
@@ -267,7 +261,7 @@ def _block_match(facts: ModelFacts, experts: ModuleFact, notes: list[str]):
     block = experts.qualname.rsplit(".", 1)[0]
     verdict = experts.attrs["moe_block"]  # the walk reads every experts' block (moe_blocks.py)
     if verdict["router"] is None:
-        notes.append(f"{block}: routing stays in Transformers: {verdict['reason']}")
+        notes.append(_routing_stays(block, verdict["reason"]))
         return None, None, None
     router = facts.module(f"{block}.{verdict['router']}")
     shared, gate = verdict["shared"], verdict["shared_gate"]
@@ -277,19 +271,26 @@ def _block_match(facts: ModelFacts, experts: ModuleFact, notes: list[str]):
         # vLLM would divide the shared output by the scale, which only its own fp16 decoder
         # layers undo (moe.py: reaches_fp16_trick), so it falls back to Transformers routing
         notes.append(
-            f"{block}: routing stays in Transformers: routed_scaling_factor={scale} with a "
-            "shared expert in float16 (the config's dtype)"
+            _routing_stays(
+                block,
+                f"routed_scaling_factor={scale} with a shared expert in float16 (the config's "
+                "dtype)",
+            )
         )
         return None, None, None
     return router, shared, gate
+
+
+def _routing_stays(block: str, why: str) -> PlanNote:
+    return PlanNote(
+        NoteCode.ROUTING_IN_TRANSFORMERS, f"routing stays in Transformers: {why}", block
+    )
 
 
 def fuse_moe(facts: ModelFacts, plan: ReplacementPlan, profile: Profile, stage_of):
     """experts → MoERunner holding TransformersRoutedExperts (w13 [E, 2I/tp, H], w2 [E, H, I/tp]);
     the router → GateLinear, aliased inside the runner when routing moves into vLLM, with the
     shared expert (and its sigmoid gate) wrapped in the runner too."""
-    from tfbackend.replace.planner import moe_spec
-
     cfg, moe = facts.config, facts.config.moe
     entries: list[PlanEntry] = []
     for m in facts.modules:
@@ -416,7 +417,7 @@ def _shared_wrappers(facts, experts: ModuleFact, shared: str, gate: str | None, 
             K_LINEAR,
             "ReplicatedLinear",
             "shared-expert gate rebuilt as ReplicatedLinear by the MoE fuser, whatever the tp_plan",
-            _full(gate_fact),
+            replicated_shards(gate_fact),
             stage,
         )
         out += [hf_gate, _alias(hf_gate, f"{layer}.gate", "the runner's alias of the gate")]
@@ -442,21 +443,8 @@ def alias_shared_experts(facts: ModelFacts, plan: ReplacementPlan) -> list[PlanE
             if m.qualname.startswith(source + ".") and m.params and m.qualname not in planned:
                 unchanged = _entry(
                     m.qualname, [m.qualname], m.class_name, K_UNCHANGED, m.class_name,
-                    "kept as HF code", _full(m), runner.stage,
+                    "kept as HF code", replicated_shards(m), runner.stage,
                 )  # fmt: skip
                 name = inner + m.qualname.removeprefix(source)
                 out.append(_alias(unchanged, name, "the runner's alias of an unchanged module"))
     return out
-
-
-def _register() -> None:
-    from tfbackend.replace import planner
-
-    for step in (fuse_projections, fuse_moe):
-        if step not in planner.FUSION_STEPS:
-            planner.FUSION_STEPS.append(step)
-    if alias_shared_experts not in planner.ALIAS_STEPS:
-        planner.ALIAS_STEPS.append(alias_shared_experts)
-
-
-_register()

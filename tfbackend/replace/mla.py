@@ -14,9 +14,14 @@ layers fuse and others do not, it raises.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from tfbackend.inspect.facts import LINEAR, ModelFacts, ModuleFact
-from tfbackend.replace.plan import K_LINEAR, ParamShard, PlanEntry, ReplacementPlan
-from tfbackend.replace.profiles import Profile
+from tfbackend.replace.plan import K_LINEAR, NoteCode, PlanEntry, PlanNote, ReplacementPlan
+from tfbackend.replace.shards import column_shards, row_shards, whole_shards
+
+if TYPE_CHECKING:
+    from tfbackend.replace.profiles import Profile
 
 FUSER = "mla"
 MERGED_NAME = "fused_qkv_a_proj"
@@ -34,11 +39,25 @@ def fuse_mla(facts: ModelFacts, plan: ReplacementPlan, profile: Profile, stage_o
         if not fact:
             continue
         if not fact.get("fuser"):
-            plan.notes.append(f"{m.qualname} ({m.class_name}): not fused as MLA: {fact['reason']}")
+            plan.notes.append(
+                PlanNote(
+                    NoteCode.MLA_NOT_FUSED,
+                    f"not fused as MLA: {fact['reason']}",
+                    m.qualname,
+                    m.class_name,
+                )
+            )
             continue
         made = _module_entries(m, fact, linears, plan.tp, stage_of(m.qualname))
         if made is None:
-            plan.notes.append(f"{m.qualname} ({m.class_name}): MLA roles not nn.Linear facts")
+            plan.notes.append(
+                PlanNote(
+                    NoteCode.MLA_ROLES_MISSING,
+                    "MLA roles not nn.Linear facts",
+                    m.qualname,
+                    m.class_name,
+                )
+            )
             continue
         entries.extend(made)
     return entries
@@ -80,7 +99,7 @@ def _module_entries(m: ModuleFact, fact: dict, linears: dict, tp: int, stage) ->
                 [q_a, kv_a],
                 "MergedColumnParallelLinear",
                 "q_a_proj + kv_a_proj stacked (vLLM MLAFuser, disable_tp: whole on every rank)",
-                _whole(q_a, sum(sizes)),
+                whole_shards(q_a, sum(sizes)),
                 output_sizes=sizes,
             )
         )
@@ -93,7 +112,7 @@ def _module_entries(m: ModuleFact, fact: dict, linears: dict, tp: int, stage) ->
                 [kv_a],
                 "ReplicatedLinear",
                 "latent down-projection (MLA, no query LoRA): replicated",
-                _whole(kv_a),
+                whole_shards(kv_a),
             )
         )
         out.append(_column(entry, role["q_proj"], tp, "query projection (MLA): colwise"))
@@ -124,35 +143,19 @@ def _module_entries(m: ModuleFact, fact: dict, linears: dict, tp: int, stage) ->
 _ROLES = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj", "kv_b_proj", "o_proj")
 
 
-def _whole(part: ModuleFact, out: int | None = None) -> list[ParamShard]:
-    out = out or part.attrs["out_features"]
-    shards = [
-        ParamShard(
-            "weight", [out, part.attrs["in_features"]], [out, part.attrs["in_features"]], None
-        )
-    ]
-    if part.attrs.get("bias"):
-        shards.append(ParamShard("bias", [out], [out], None))
-    return shards
-
-
 def _column(entry, fact: ModuleFact, tp: int, reason: str) -> PlanEntry:
-    from tfbackend.replace.planner import column_shards
-
-    params = column_shards(fact, tp) if tp > 1 else _whole(fact)
+    params = column_shards(fact, tp) if tp > 1 else whole_shards(fact)
     return entry(fact.qualname, [fact], "ColumnParallelLinear", reason, params)
 
 
-def _row_params(fact: ModuleFact, tp: int) -> list[ParamShard]:
-    from tfbackend.replace.planner import row_shards
-
-    return row_shards(fact, tp) if tp > 1 else _whole(fact)
+def _row_params(fact: ModuleFact, tp: int) -> list:
+    return row_shards(fact, tp) if tp > 1 else whole_shards(fact)
 
 
-def mla_attention(facts: ModelFacts, plan: ReplacementPlan, profile: Profile) -> None:
+def mla_attention(facts: ModelFacts, plan: ReplacementPlan) -> None:
     """The attention layers' geometry under MLA (base.py: _create_attention_instances)."""
     cfg = facts.config
-    if not profile.fuses or cfg.kv_lora_rank is None:
+    if cfg.kv_lora_rank is None:
         return
     rope = int(cfg.raw.get("qk_rope_head_dim") or 0)
     nope = int(cfg.raw.get("qk_nope_head_dim") or 0)
@@ -163,8 +166,12 @@ def mla_attention(facts: ModelFacts, plan: ReplacementPlan, profile: Profile) ->
             for a in plan.attention:
                 a.head_size = nope + rope
         plan.notes.append(
-            f"kv_lora_rank={cfg.kv_lora_rank} but no layer fuses as MLA: vLLM falls back to "
-            f"Attention (head size {nope + rope}, value heads padded), without the latent cache"
+            PlanNote(
+                NoteCode.MLA_FALLBACK,
+                f"kv_lora_rank={cfg.kv_lora_rank} but no layer fuses as MLA: vLLM falls back to "
+                f"Attention (head size {nope + rope}, value heads padded), without the latent "
+                "cache",
+            )
         )
         return
     for a in plan.attention:
@@ -174,17 +181,8 @@ def mla_attention(facts: ModelFacts, plan: ReplacementPlan, profile: Profile) ->
             a.kv_replicated = plan.tp > 1  # the one latent head lives whole on every rank
             a.head_size = cfg.kv_lora_rank + rope
         else:
-            plan.notes.append(
+            text = (
                 f"layer {a.layer_idx} ({a.qualname}) does not fuse as MLA while others do: "
                 "vLLM raises ValueError (its latent KV cache cannot be allocated)"
             )
-
-
-def _register() -> None:
-    from tfbackend.replace import planner
-
-    if fuse_mla not in planner.FUSION_STEPS:
-        planner.FUSION_STEPS.insert(0, fuse_mla)  # MLAFuser comes first in vLLM's FUSERS
-
-
-_register()
+            plan.notes.append(PlanNote(NoteCode.MLA_MIXED, text, a.qualname, line=text))

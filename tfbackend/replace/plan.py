@@ -8,19 +8,114 @@ plan can be printed, diffed, tested and applied without re-deriving anything.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from typing import Any
 
 PLAN_SCHEMA_VERSION = 1
 
-# Target kinds
-K_LINEAR = "linear"
-K_EMBEDDING = "embedding"
-K_LM_HEAD = "lm_head"
-K_NORM = "norm"
-K_LAYERNORM = "layernorm"
-K_EXPERTS = "experts"
-K_CONV = "conv"
-K_UNCHANGED = "unchanged"  # a module the backend leaves as HF code (listed when it matters)
+
+class EntryKind(str, Enum):
+    """What a plan entry replaces a module with; every kind a renderer or rule tests is here."""
+
+    LINEAR = "linear"
+    EMBEDDING = "embedding"
+    LM_HEAD = "lm_head"
+    NORM = "norm"
+    LAYERNORM = "layernorm"
+    EXPERTS = "experts"
+    CONV = "conv"
+    ROUTER = "router"  # an MoE router rebuilt as vLLM's GateLinear
+    ACTIVATION = "activation"  # an activation fused with the gate/up multiply
+    SHARED_EXPERTS = "shared_experts"  # the MoE runner's wrappers of a shared expert
+    UNCHANGED = "unchanged"  # a module the backend leaves as HF code (listed when it matters)
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+
+K_LINEAR = EntryKind.LINEAR
+K_EMBEDDING = EntryKind.EMBEDDING
+K_LM_HEAD = EntryKind.LM_HEAD
+K_NORM = EntryKind.NORM
+K_LAYERNORM = EntryKind.LAYERNORM
+K_EXPERTS = EntryKind.EXPERTS
+K_CONV = EntryKind.CONV
+K_ROUTER = EntryKind.ROUTER
+K_ACTIVATION = EntryKind.ACTIVATION
+K_SHARED_EXPERTS = EntryKind.SHARED_EXPERTS
+K_UNCHANGED = EntryKind.UNCHANGED
+
+
+class Fallback(str, Enum):
+    """A fallback the backend takes without saying so (PlanEntry.extra["fallback"]): the
+    console marks such entries, rules may count them."""
+
+    NO_TP_PLAN_KEY = "no_tp_plan_key"  # no key matches: ReplicatedLinear
+    UNKNOWN_STYLE = "unknown_style"  # a style the backend does not know: ReplicatedLinear
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+
+class NoteCode(str, Enum):
+    """Why the planner wrote a note: what code tests, instead of the note's words."""
+
+    NO_PP_PLAN = "no_pp_plan"  # this vLLM refuses pipeline parallel without a pp_plan
+    PP_INFERRED = "pp_inferred"  # the split is inferred from the decoder's children
+    PP_SPLIT_IMPOSSIBLE = "pp_split_impossible"  # not exactly one ModuleList to split
+    NOT_FUSED = "not_fused"  # a module with sibling linears no fuser takes
+    ROUTING_IN_TRANSFORMERS = "routing_in_transformers"  # MoE routing stays HF code
+    MLA_NOT_FUSED = "mla_not_fused"  # a latent-attention module MLAFuser skips
+    MLA_ROLES_MISSING = "mla_roles_missing"  # matched roles that are no nn.Linear facts
+    MLA_FALLBACK = "mla_fallback"  # kv_lora_rank but no layer fuses: full attention
+    MLA_MIXED = "mla_mixed"  # some layers fuse as MLA, this one does not: vLLM raises
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+
+class PlanNote(str):
+    """A fact the planner had to assume or a fusion it did not make: a `code` to test, the
+    `module` it is about (None: the whole model) and the `text` said about it.
+
+    It is the line the user reads (`"<module> (<class>): <text>"`, the class when given), so
+    renderers and the JSON
+    print it as they print any string; code reads `code`, never the words.
+    """
+
+    code: NoteCode
+    module: str | None
+    text: str
+
+    def __new__(
+        cls,
+        code: NoteCode,
+        text: str,
+        module: str | None = None,
+        module_class: str = "",
+        *,
+        line: str | None = None,  # the line, when the text already names the module
+    ) -> PlanNote:
+        if line is None and module is None:
+            line = text
+        elif line is None:
+            line = f"{module} ({module_class}): {text}" if module_class else f"{module}: {text}"
+        note = super().__new__(cls, line)
+        note.code, note.module, note.text = code, module, text
+        return note
+
+    def __reduce__(self):  # spawned ranks receive plans pickled
+        return _note, (self.code, self.module, self.text, str(self))
+
+    def __deepcopy__(self, memo) -> PlanNote:  # asdict copies; the note is immutable
+        return self
+
+
+def _note(code: NoteCode, module: str | None, text: str, line: str) -> PlanNote:
+    note = str.__new__(PlanNote, line)
+    note.code, note.module, note.text = code, module, text
+    return note
+
 
 # Shard dims of a parameter: None = replicated on every rank.
 REPLICATED = None
@@ -39,7 +134,7 @@ class PlanEntry:
     qualname: str  # the module that will exist in the wrapped model
     sources: list[str]  # source modules it replaces (several when fused)
     source_class: str
-    kind: str
+    kind: EntryKind
     target: str  # vLLM class name, e.g. "ColumnParallelLinear"
     tp_style: str | None = None
     tp_key: str | None = None  # the tp_plan key that matched, as written by transformers
@@ -109,11 +204,14 @@ class ReplacementPlan:
     moe: list[MoESpec] = field(default_factory=list)
     stages: list[StageSpec] = field(default_factory=list)
     layers_module: str | None = None  # the ModuleList pipeline parallel splits
-    notes: list[str] = field(default_factory=list)  # facts the planner had to assume
+    notes: list[PlanNote] = field(default_factory=list)  # facts the planner had to assume
     schema_version: int = PLAN_SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def notes_of(self, code: NoteCode) -> list[PlanNote]:
+        return [n for n in self.notes if n.code == code]
 
     def entries_of(self, kind: str) -> list[PlanEntry]:
         return [e for e in self.entries if e.kind == kind]

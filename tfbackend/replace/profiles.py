@@ -16,9 +16,13 @@ Version ranges, and how sure they are:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from packaging.version import Version
+
+from tfbackend.inspect.vllm_config import VLLM_CONFIG_CLASSES
+from tfbackend.replace import fusion, mla
 
 # style → (vLLM class, what changes about the shard)
 SEED_STYLES: dict[str, str] = {
@@ -51,6 +55,12 @@ class Profile:
     replaces_layernorm: bool = False
     replaces_conv: bool = False  # exact nn.Conv2d/nn.Conv3d → Conv2dLayer/Conv3dLayer
     fuses: bool = False  # q/k/v, gate/up, ... fused (vLLM's fuser)
+    # The fusers' plan steps in the backend's order (each returns the entries it made; the
+    # modules they cover are left to no later step), the attention layers' adjustments they
+    # imply, and the entries naming planned modules again under a second path.
+    fusion_steps: tuple[Callable, ...] = ()
+    attention_steps: tuple[Callable, ...] = ()
+    alias_steps: tuple[Callable, ...] = ()
     vocab_padding: int = 64
     refused_quant: tuple[str, ...] = ("mxfp4",)
     plugin_quant: tuple[str, ...] = ()
@@ -145,6 +155,10 @@ PROFILES: dict[str, Profile] = {
             replaces_layernorm=True,
             replaces_conv=True,
             fuses=True,
+            # MLAFuser first, as in vLLM's FUSERS; then q/k/v, gate/up, sibling linears; MoE
+            fusion_steps=(mla.fuse_mla, fusion.fuse_projections, fusion.fuse_moe),
+            attention_steps=(mla.mla_attention,),
+            alias_steps=(fusion.alias_shared_experts,),
             refused_quant=("mxfp4", "gpt_oss_mxfp4"),
             # Absent from 0.32's QUANTIZATION_METHODS: only an out-of-tree plugin
             # (register_quantization_config) can provide them.
@@ -158,21 +172,7 @@ PROFILES: dict[str, Profile] = {
             # position_ids); compilation/decorators.py raises for any the forward lacks.
             decoder_compile_args=("input_ids", "inputs_embeds", "position_ids"),
             one_attention_per_layer=True,
-            # vllm/transformers_utils/config.py: _CONFIG_REGISTRY, model types transformers also has
-            config_overrides={
-                "chatglm": "ChatGLMConfig",
-                "deepseek_v32": "DeepseekV3Config",
-                "deepseek_v4": "DeepseekV4Config",
-                "hy_v4": "HYV4Config",
-                "kimi_linear": "KimiLinearConfig",
-                "kimi_k2": "DeepseekV3Config",
-                "minimax_m3_vl": "MiniMaxM3Config",
-                "step3_text": "Step3TextConfig",
-                "step3_vl": "Step3VLConfig",
-                "ovis": "OvisConfig",
-                "inkling_mm_model": "InklingMMConfig",
-                "inkling_model": "InklingModelConfig",
-            },
+            config_overrides=VLLM_CONFIG_CLASSES,
         ),
     )
 }

@@ -8,7 +8,7 @@ from typing import Any
 from tfbackend import __version__
 from tfbackend.replace.grouping import PlanGroup
 from tfbackend.replace.plan import ReplacementPlan
-from tfbackend.report.findings import Finding, Verdict
+from tfbackend.rules.findings import Finding, Verdict
 
 REPORT_SCHEMA_VERSION = "1.1"
 

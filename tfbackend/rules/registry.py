@@ -12,7 +12,7 @@ from typing import Any
 from tfbackend.inspect.facts import ModelFacts
 from tfbackend.replace.plan import ReplacementPlan
 from tfbackend.replace.profiles import Profile
-from tfbackend.report.findings import Finding, Severity
+from tfbackend.rules.findings import Finding, Severity
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tfbackend.report.findings import Severity
+from tfbackend.rules.findings import Severity
 from tfbackend.rules.registry import rule
 
 
@@ -376,9 +376,7 @@ on in reports/parity.md (single requests matched at prefill); this holds on ever
 def sequence_convolution(ctx, r):
     # the decoder layers vLLM gives an Attention (a multimodal encoder's convolutions run
     # before the language model, on one request's features at a time)
-    layers = tuple(
-        a.qualname.rpartition(".")[0] + "." for a in ctx.plan.attention if a.qualname
-    )
+    layers = tuple(a.qualname.rpartition(".")[0] + "." for a in ctx.plan.attention if a.qualname)
     convs = [
         m
         for m in ctx.facts.modules

@@ -6,9 +6,9 @@ from collections import Counter
 from math import prod
 
 from tfbackend.replace.plan import K_EXPERTS, K_LINEAR
-from tfbackend.report.findings import Severity
-from tfbackend.report.units import size
+from tfbackend.rules.findings import Severity
 from tfbackend.rules.registry import rule
+from tfbackend.units import size
 
 
 def _bytes_per_param(ctx) -> int:
@@ -197,17 +197,15 @@ def vocab_divisible(ctx, r):
                 )
 
 
-def fusers_modelled() -> bool:
-    """Whether the planner models vLLM's fusers (fusion steps registered by tfbackend)."""
-    from tfbackend.replace.planner import FUSION_STEPS
-
-    return bool(FUSION_STEPS)
+def fusers_modelled(profile) -> bool:
+    """Whether the plan models the profile's fusers (its profile names their steps)."""
+    return bool(profile.fusion_steps)
 
 
 def _fuser_claimed(ctx):
     """Linears vLLM 0.32's attention fusers (QKV, packed QKV, MLA) claim, o_proj included,
     while the plan does not model the fusers: the tp_plan is not consulted for them."""
-    if not ctx.profile.fuses or fusers_modelled():
+    if not ctx.profile.fuses or fusers_modelled(ctx.profile):
         return lambda qualname: False
     attn = tuple(m.qualname + "." for m in ctx.facts.modules if m.kind == "attention")
     return lambda qualname: qualname.startswith(attn)
@@ -273,7 +271,7 @@ def replicated_linears(ctx, r):
     if len(kept) != len(left):
         note = " (attention projections left to vLLM's fusers)"
     left = kept
-    unmodelled = ctx.profile.fuses and not fusers_modelled()
+    unmodelled = ctx.profile.fuses and not fusers_modelled(ctx.profile)
     if unmodelled:
         note += "; vLLM's MLP fusers may claim some of these (not modelled in this plan)"
     if not left:
@@ -573,45 +571,6 @@ def _split_attention(ctx):
             and not e.qualname.startswith(spec.qualname + ".")
         ]
         yield spec, inside, beside
-
-
-@rule(
-    "TFB220",
-    "Attention projections replicated while vLLM splits the heads",
-    Severity.ERROR,
-    rationale="""
-At tp > 1 vLLM builds every Attention layer for heads / tp and kv heads / tp per rank, whatever
-the projections in front of it became. Without a tp_plan and without a q/k/v vLLM's fusers
-recognise (CTRL's `Wq(q)/Wk(k)/Wv(v)` on three inputs, Moshi's and Falcon-H1's wrapped or
-hybrid layers, Zaya's CCA projection, JetMoE's mixture-of-attention), every projection stays
-ReplicatedLinear: each rank computes all heads and hands them to an Attention sized for
-heads / tp, which reads them as tp times as many tokens. vLLM 0.32's CPU build writes past its
-KV cache and the rank dies of SIGSEGV (CTRL, Falcon-H1, JetMoE, Moshi, Zaya at tp 2 in
-reports/parity.md); no platform computes the model's logits.
-""",
-    fix="serve with tp=1, or add base_model_tp_plan keys that make q/k/v colwise and the output "
-    "projection rowwise",
-)
-def replicated_attention_projections(ctx, r):
-    if ctx.tp <= 1:
-        return
-    bad = [
-        (spec, inside)
-        for spec, inside, _ in _split_attention(ctx)
-        if inside
-        and not any(e.target in _SPLIT_OUTPUT for e in inside)
-        and any(e.target == "ReplicatedLinear" for e in inside)
-    ]
-    if bad:
-        spec, inside = bad[0]
-        names = ", ".join(sorted({e.qualname.rsplit(".", 1)[-1] for e in inside})[:4])
-        yield r.finding(
-            f"{len(bad)} attention layer(s) keep every projection replicated ({names} in "
-            f"{spec.qualname}) while vLLM's Attention serves {spec.heads_per_rank} of "
-            f"{spec.num_heads} heads per rank: each rank hands it all heads (crash or garbage "
-            f"at tp={ctx.tp})",
-            modules=[s.qualname for s, _ in bad][:16],
-        )
 
 
 @rule(
