@@ -162,6 +162,9 @@ class ModelFacts:
     # The base model's module builds masks with transformers' masking_utils: under vLLM's
     # "vllm" attention implementation those return None, so no layer ever sees a mask tensor.
     masks_from_masking_utils: bool = False
+    # Whether the base model's own code ever applies `config.sliding_window` (a sliding-window
+    # mask, or `sliding_window=` handed to the attention interface); None: source unreadable.
+    builds_sliding_mask: bool | None = None
 
     def module(self, qualname: str) -> ModuleFact | None:
         """The fact for one module, by qualname (planning looks modules up per fused projection)."""

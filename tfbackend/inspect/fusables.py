@@ -34,6 +34,13 @@ def fusion_fact(module: Any, graph: Callable[[], Any] | None = None) -> dict[str
         tuple(n for n, _ in module.named_children()),
         tuple((n, c.in_features, c.out_features) for n, c in linears.items()),
         head_dim if isinstance(head_dim, int) else None,
+        # per-instance switches the forward branches on (Gemma 3n's activation_sparsity
+        # differs by layer): one class, two traces
+        tuple(
+            (k, v)
+            for k, v in sorted(vars(module).items())
+            if not k.startswith("_") and isinstance(v, (bool, int, float, str))
+        ),
     )
     if key not in _cache:
         try:
@@ -69,11 +76,13 @@ def _analyse(module: Any, graph_of: Callable[[], Any] | None) -> dict[str, Any]:
             continue
         candidates.append(cand)
     if candidates:
-        from tfbackend.inspect.fxtrace import downstream_linears
+        from tfbackend.inspect.fxtrace import downstream_linears, feature_reductions
 
         for cand in candidates:
             pieces = cand.get("linears") or [cand.get(k) for k in ("q", "k", "v", "gate", "up")]
-            cand["downstream"] = downstream_linears(graph, module, [p for p in pieces if p])
+            pieces = [p for p in pieces if p]
+            cand["downstream"] = downstream_linears(graph, module, pieces)
+            cand["reduced"] = feature_reductions(graph, module, pieces)
         return {"candidates": candidates}  # every match; the profile's order picks
     reason = "; ".join(refused) or "no q/k/v, packed qkv, gate/up or sibling linears"
     if not refused and (groups := fx_match.sibling_groups(graph, module)) > 1:

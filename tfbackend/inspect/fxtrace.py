@@ -82,6 +82,8 @@ class _LeafTracer(fx.Tracer):
         if isinstance(proxy, _MetaProxy) and proxy.meta is _UNKNOWN:
             with contextlib.suppress(Exception):  # unknown is fatal only if a shape is asked
                 proxy.meta = self._meta_value(kind, target, args, kwargs)
+        if isinstance(proxy, _MetaProxy) and proxy.meta is not _UNKNOWN:
+            proxy.node.meta["value"] = proxy.meta  # graph queries read shapes off the nodes
         return proxy
 
     def _meta_value(self, kind: str, target: object, args: tuple, kwargs: dict) -> Any:
@@ -333,3 +335,51 @@ def peel(node: object) -> object:
     while isinstance(node, fx.Node) and node.op == "call_method" and node.target in _DTYPE_CASTS:
         node = node.args[0]
     return node
+
+
+_REDUCTIONS = frozenset({
+    "mean", "std", "var", "sum", "norm", "amax", "amin", "softmax", "log_softmax", "topk",
+    "sort", "logsumexp", "median", "quantile", "std_mean", "var_mean",
+})  # fmt: skip
+
+
+def _reduced_dim(node: fx.Node) -> object:
+    dim = node.kwargs.get("dim")
+    if dim is None and len(node.args) > 1:
+        dim = node.args[1]
+    return dim
+
+
+def feature_reductions(graph: fx.Graph, module: nn.Module, names: list[str]) -> list[str]:
+    """Reductions over the last (feature) dim of the outputs of linears `names`, on the way to
+    the next linear: statistics a rank holding a column slice computes over its slice only
+    (Gemma 3n's activation sparsity: `mean`/`std` of gate_proj over its features)."""
+    starts = [n for n in graph.nodes if is_linear(n, module) and str(n.target) in names]
+    widths = {module.get_submodule(str(n.target)).out_features for n in starts}
+    found: list[str] = []
+    stack, seen = [u for n in starts for u in n.users], set()
+    while stack:
+        node = stack.pop()
+        if node in seen or is_linear(node, module):
+            continue
+        seen.add(node)
+        if node.op in ("call_function", "call_method"):
+            name = str(node.target) if node.op == "call_method" else node.target.__name__
+            src = node.args[0] if node.args else None
+            if (
+                name in _REDUCTIONS
+                and _reduced_dim(node) in (-1, None)
+                and name not in found
+                and _last_dim(src) in widths
+            ):
+                found.append(name)
+        stack.extend(node.users)
+    return found
+
+
+def _last_dim(node: object) -> int | None:
+    """The last dim of the value a traced node carries (None: not known)."""
+    if not isinstance(node, fx.Node):
+        return None
+    shape = getattr(node.meta.get("value"), "shape", None)
+    return int(shape[-1]) if shape else None

@@ -336,11 +336,21 @@ def walk(model: Any, config: Any, text: Any, source: SourceInfo) -> ModelFacts:
                     "scaling": call.scaling if call else None,
                     "s_aux": call.s_aux if call else None,
                     "sinks_shape": _sinks_shape(module, call),
+                    "interface_keywords": list(call.keywords) if call else [],
+                    "own_mask": call.own_mask if call else None,
+                    "kv_expanded": list(call.kv_expanded) if call else [],
                 }
                 if reshapes := attn.head_count_reshapes(module):
                     fact.attrs["head_count_reshapes"] = list(reshapes)
                 if reads := attn.tensor_mask_reads(module):
                     fact.attrs["tensor_mask_reads"] = list(reads)
+        if isinstance(module, nn.Conv1d):
+            # groups == channels: a depthwise (short) convolution, which vLLM feeds its packed
+            # batch as one sequence
+            fact.attrs["conv1d"] = {
+                "depthwise": module.groups == module.in_channels == module.out_channels,
+                "kernel": int(module.kernel_size[0]),
+            }
         if fact.kind in (OTHER, ATTENTION):
             graph = _once(_trace, module)  # one FX trace, read by every match that needs it
             if (fusion := fusion_fact(module, graph)) is not None:
@@ -372,6 +382,7 @@ def walk(model: Any, config: Any, text: Any, source: SourceInfo) -> ModelFacts:
             m.kind == ATTENTION and m.attrs.get("interface") for m in modules
         ),
         has_non_causal_module=has_non_causal,
+        builds_sliding_mask=attn.builds_sliding_mask(type(model)),
         num_parameters=sum(p.numel() for p in model.parameters()),
         modules=modules,
         versions=versions(),

@@ -15,6 +15,7 @@ EXAMPLES: dict[str, str] = {
     "TFB112": "cohere_compass_text: rope_parameters with mrope_section, text-only",
     "TFB113": "phimoe: PhimoeTopKRouter(nn.Linear) returns (logits, weights, experts); vLLM's "
     "ReplicatedLinear returns the logits only",
+    "TFB120": "falcon_h1: the Mamba mixer's depthwise conv1d; zaya: CCA's conv_qk_depthwise",
     "TFB108": "gemma3 (vision_config), qwen2_5_omni (audio and vision towers)",
     "TFB201": "gpt2 at --tp 2: no base_model_tp_plan",
     "TFB202": "deepseek_v3 at --tp 8: 'packed_colwise' experts style",
@@ -31,6 +32,9 @@ EXAMPLES: dict[str, str] = {
     "TFB214": "stablelm at --tp 2: query_states.view(bsz, q_len, self.num_heads, self.head_dim)",
     "TFB215": "phi3 at --tp 2: qkv_proj is colwise_gather_output in its tp_plan",
     "TFB216": "dbrx at --tp 2: no tp_plan, the packed Wqkv stays replicated",
+    "TFB221": "bert-generation at --tp 2: attention.self's split heads go to a replicated "
+    "attention.output.dense",
+    "TFB222": "gemma3n_text at --tp 2: activation sparsity takes mean/std of the split gate_proj",
     "TFB213": "bitnet at --tp 2: down_proj (replicated) reads the merged gate/up slices",
     "TFB301": "a model without base_model_pp_plan at --pp 2",
     "TFB302": "a model with two layer ModuleLists at --pp 2",
@@ -46,6 +50,9 @@ EXAMPLES: dict[str, str] = {
     "TFB406": "whisper: self_attn and encoder_attn of a decoder layer both have layer_idx 0",
     "TFB407": "glm_moe_dsa: the indexer reads attention_mask[:, 0, :, :], None under vLLM",
     "TFB408": "inkling: sliding layers hold swa_num_key_value_heads=16 KV heads, the config 8",
+    "TFB410": "doge: DogeAttention passes its dynamic mask attn_mask to the interface",
+    "TFB411": "moshi with sliding_window 8 < max_position_embeddings and no sliding mask in its code",
+    "TFB412": "jetmoe: key_states.repeat(1, top_k, 1, 1) before the attention interface",
     "TFB501": "gemma (x̂·(1+w)) checked with --vllm-version 0.6: the name-based port makes it "
     "RMSNorm",
     "TFB502": "qwen3_next: Qwen3NextRMSNormGated(x, gate)",

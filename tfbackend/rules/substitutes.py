@@ -101,7 +101,9 @@ vLLM's Attention always holds heads / tp query heads and kv_heads / tp KV heads 
 sizes the PackedQKVFuser does not match), each rank computes every head and hands them to an
 Attention built for a fraction of them: vLLM 0.32 raises in `Attention.forward` (`key.view(-1,
 num_kv_heads, head_size)`: "view size is not compatible with input tensor's size and stride",
-DBRX at tp 2 in reports/parity.md) or, where the view happens to fit, folds heads into tokens.
+DBRX at tp 2 in reports/parity.md) or, where the view happens to fit, folds heads into tokens
+and its CPU build writes past the KV cache (SIGSEGV: CTRL, Falcon-H1, JetMoE, Moshi, Zaya at
+tp 2). Every linear inside the attention module counts, at any depth.
 """,
     fix="serve with tp=1, add a tp_plan that splits the attention projections, or serve with "
     "vLLM's native implementation of the architecture",
@@ -111,15 +113,15 @@ def replicated_attention(ctx, r):
         return
     if not ctx.facts.tp_plan and ctx.profile.missing_tp_plan == "error":
         return  # vLLM refuses the model before any forward (TFB201 says so)
-    linears: dict[str, list] = {}
-    for e in ctx.plan.entries_of(K_LINEAR):
-        for source in e.sources:
-            linears.setdefault(source.rpartition(".")[0], []).append(e)
+    entries = ctx.plan.entries_of(K_LINEAR)
     hit = []
     for spec in ctx.plan.attention:
         if spec.qualname is None or spec.mla or spec.heads_per_rank == spec.num_heads:
             continue
-        own = linears.get(spec.qualname, [])
+        # every linear inside the module, not only its children: Moshi's `q_proj.linear`,
+        # Zaya's `qkv_proj.q_proj` sit one level down (both crashed vLLM at tp 2)
+        inside = spec.qualname + "."
+        own = [e for e in entries if any(s.startswith(inside) for s in e.sources)]
         if own and not any(e.target in _SPLIT_OUTPUT for e in own):
             hit.append((spec, sorted({e.qualname.rsplit(".", 1)[-1] for e in own})))
     if hit:
