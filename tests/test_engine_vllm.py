@@ -252,3 +252,20 @@ def test_a_rank_killed_outright_ends_the_run_and_leaves_nothing(models, mark):
     out, err = _finish(proc, 120)
     assert proc.returncode == 2 and "rank 1 was killed" in err, err[-2000:]
     _assert_nothing_left(mark)
+
+
+def test_shared_memory_a_killed_run_left_does_not_stop_the_next(models, mark):
+    # Under the external launcher vLLM's CPU build names its segments "-tp:0-[0-1]-cpushm_R"
+    # for every run (VLLM_DIST_IDENT from "env://"): a run killed before unlinking them made
+    # every later tp 2 run raise "create shm in SHMManager failed. errno: 17" (reports/parity).
+    stale = [Path(f"/dev/shm/-tp:0-[0-1]-cpushm_{r}") for r in (0, 1)]
+    for segment in stale:
+        segment.write_bytes(b"\0" * 4096)
+    try:
+        report = run(models["llama"], _opts(tp=2, max_prompts=1))
+    finally:
+        for segment in stale:
+            segment.unlink(missing_ok=True)
+    assert report.exit_code == 0, report.model_error
+    assert not list(Path("/dev/shm").glob("tfbackend-*"))  # this run's own, unlinked
+    _assert_nothing_left(mark)

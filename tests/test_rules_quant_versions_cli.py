@@ -12,7 +12,7 @@ from _rules_support import cached, facts, findings, llama, severities
 
 from tfbackend.check import CheckOptions, check_facts
 from tfbackend.errors import UserError
-from tfbackend.replace.plan import ReplacementPlan
+from tfbackend.plan import ReplacementPlan
 from tfbackend.replace.profiles import PROFILES, select_profile
 from tfbackend.rules.registry import REGISTRY, RuleContext, load_all
 
@@ -135,8 +135,18 @@ def test_select_ignore_and_strict():
     gpt2_like = check_facts(facts(llama(architectures=None)), CheckOptions(tp=2, pp=2))
     assert gpt2_like.verdict.value == "PASS"
     # A warning that does not depend on what is installed: a tp_plan style the per-linear
-    # backend does not know (TFB202), tensor-parallel rules only.
-    odd = facts(llama(base_model_tp_plan={"layers.*.mlp.up_proj": "packed_colwise"}))
+    # backend does not know (TFB202), tensor-parallel rules only. Attention stays split: with
+    # replicated q/k/v, vLLM's Attention (heads / tp per rank) would get every head (TFB216).
+    split_attention = {f"layers.*.self_attn.{p}_proj": "colwise" for p in "qkv"}
+    odd = facts(
+        llama(
+            base_model_tp_plan={
+                **split_attention,
+                "layers.*.self_attn.o_proj": "rowwise",
+                "layers.*.mlp.up_proj": "packed_colwise",
+            }
+        )
+    )
     options = dict(tp=2, vllm_version="0.11", select=["TFB2"])
     warned = check_facts(odd, CheckOptions(**options))
     assert warned.verdict.value == "PASS WITH WARNINGS"

@@ -61,9 +61,9 @@ def check_facts(facts: ModelFacts, options: CheckOptions):
     from tfbackend.replace.grouping import group_entries
     from tfbackend.replace.planner import build_plan
     from tfbackend.replace.profiles import select_profile
-    from tfbackend.report.findings import sort_findings, verdict_of
     from tfbackend.report.model import CheckReport
     from tfbackend.report.summary import summarize
+    from tfbackend.rules.findings import sort_findings, verdict_of
     from tfbackend.rules.registry import RuleContext, run_rules
 
     options.validate()

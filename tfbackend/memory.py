@@ -16,7 +16,7 @@ from math import prod
 from typing import Any
 
 from tfbackend.inspect.facts import EXPERTS, ModelFacts
-from tfbackend.replace.plan import K_EXPERTS, K_LM_HEAD, ReplacementPlan
+from tfbackend.plan import K_EXPERTS, K_LM_HEAD, ReplacementPlan
 
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}

@@ -68,6 +68,12 @@ def run(
         help="For a folder `tfbackend convert` wrote: the checkpoint it was converted from, for "
         "the reference (default: the one its manifest records).",
     ),
+    vllm_version: str | None = typer.Option(
+        None,
+        "--vllm-version",
+        help="Run the plan of this vLLM version or profile, as `check --vllm-version` (default: "
+        "installed, else newest).",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the JSON report only."),
     debug: bool = typer.Option(
         False, "--debug", help="Show tracebacks; keep and show the vLLM engine's log."
@@ -75,7 +81,7 @@ def run(
 ) -> None:
     """Build the wrapped model per rank and compare its logits with plain transformers."""
     from tfbackend.parity.launch import speaks
-    from tfbackend.parity.runner import RunOptions
+    from tfbackend.parity.runner import PHASES, RunOptions
     from tfbackend.parity.runner import run as run_parity
     from tfbackend.report.run_console import live_progress, render_run
 
@@ -84,9 +90,9 @@ def run(
         prompts_file=prompts, max_prompts=max_prompts, bisect=bisect, timeout_s=timeout,
         engine=engine, offline=offline or None, trust_remote_code=trust_remote_code,
         revision=revision, token=token, reference=reference, launcher=launcher,
-        debug=debug, original=original,
+        debug=debug, original=original, vllm_version=vllm_version,
     )  # fmt: skip
-    board = live_progress() if speaks(options) else contextlib.nullcontext(_silent)
+    board = live_progress(PHASES) if speaks(options) else contextlib.nullcontext(_silent)
     with user_errors(debug, subject=f"running {model}"), board as progress:
         report = run_parity(model, options, progress)
     if json_out:

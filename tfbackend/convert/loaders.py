@@ -25,7 +25,7 @@ from typing import Protocol
 from tfbackend.convert.layout import Blocked, Piece, rows, whole
 from tfbackend.convert.sources import DOWN, GATE, UP
 from tfbackend.inspect.facts import ModuleFact
-from tfbackend.replace.plan import ParamShard, PlanEntry
+from tfbackend.plan import ParamShard, PlanEntry
 
 
 class Checkpoint(Protocol):

@@ -98,7 +98,7 @@ def manifest_for(facts, report, layout, parts, written, weights) -> ConvertManif
     from tfbackend import __version__
     from tfbackend.convert.shards import file_pattern
     from tfbackend.replace.profiles import PROFILES
-    from tfbackend.report.findings import Severity
+    from tfbackend.rules.findings import Severity
 
     profile = PROFILES.get(report.profile)
     versions = f">={profile.vllm_min}" if profile else "?"

@@ -98,7 +98,7 @@ def convert(model: str, options: ConvertOptions, progress: Progress | None = Non
     from tfbackend.convert.staging import check_output
     from tfbackend.inspect import gather_facts
     from tfbackend.memory import served_dtype
-    from tfbackend.report.findings import Verdict
+    from tfbackend.rules.findings import Verdict
 
     progress = progress or Progress()
     started = time.perf_counter()

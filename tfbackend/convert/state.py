@@ -37,7 +37,7 @@ from tfbackend.convert.layout import (
 from tfbackend.convert.sources import SourceIndex
 from tfbackend.inspect.checkpoint import FLOAT_DTYPES
 from tfbackend.inspect.facts import EXPERTS, ModelFacts
-from tfbackend.replace.plan import (
+from tfbackend.plan import (
     K_EMBEDDING,
     K_EXPERTS,
     K_LINEAR,
@@ -46,12 +46,12 @@ from tfbackend.replace.plan import (
     PlanEntry,
     ReplacementPlan,
 )
+from tfbackend.replace.profiles import PROFILES, Capability
 
 ATTENTION_SCALES = ("_k_scale", "_v_scale", "_q_scale", "_prob_scale")
 ATTN_CHILD = "attn"  # base.py VLLM_ATTN_ATTR
 ROUTER_BIAS = "e_score_correction_bias"
 K_ROUTER = "router"
-SUPPORTED_PROFILES = ("vllm-0.32",)
 _LAYER = re.compile(r"^model\.(?P<list>.+?)\.(?P<idx>\d+)(\.|$)")
 # Kinds whose parameters belong to vLLM layers (they carry a `weight_loader`): vLLM's
 # `keep_in_fp32` upcasts only tensors without one (transformers/base.py)
@@ -190,7 +190,8 @@ def build_layout(facts: ModelFacts, plan: ReplacementPlan, src: SourceIndex, dty
 def model_blockers(facts: ModelFacts, plan: ReplacementPlan, src: SourceIndex) -> list[str]:
     """Reasons that hold for the whole model, before any tensor is laid out."""
     out = []
-    if plan.profile not in SUPPORTED_PROFILES:
+    profile = PROFILES.get(plan.profile)
+    if profile is None or not profile.can(Capability.SHARDED_STATE_CONVERT):
         out.append(
             f"convert writes the sharded state of vLLM ≥ 0.32's Transformers backend; the "
             f"{plan.profile} profile builds other modules (pass --vllm-version 0.32)"

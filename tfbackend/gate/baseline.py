@@ -27,7 +27,7 @@ from tfbackend.gate.result import (
     GateResult,
     verdict_rank,
 )
-from tfbackend.report.findings import Verdict
+from tfbackend.rules.findings import Verdict
 
 REL_TOL = 0.25  # parity metrics of random-weight tiny models wobble run to run; judge big moves
 ABS_TOL = 1e-4

@@ -30,7 +30,7 @@ from typing import Any
 
 from tfbackend.errors import UserError
 from tfbackend.limits import MAX_WORLD_SIZE
-from tfbackend.report.findings import Verdict
+from tfbackend.rules.findings import Verdict
 from tfbackend.rules.registry import unknown_rule_ids
 
 

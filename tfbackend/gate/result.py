@@ -10,8 +10,8 @@ from typing import Any
 
 from tfbackend import __version__
 from tfbackend.gate.manifest import ModelEntry
-from tfbackend.report.findings import Finding, Severity, Verdict
 from tfbackend.report.model import CheckReport
+from tfbackend.rules.findings import Finding, Severity, Verdict
 
 GATE_SCHEMA_VERSION = "1.0"
 _RANK = {Verdict.PASS: 0, Verdict.PASS_WITH_WARNINGS: 1, Verdict.FAIL: 2}

@@ -25,7 +25,7 @@ from tfbackend.gate.result import (
     GateResult,
     RunOutcome,
 )
-from tfbackend.report.findings import Verdict
+from tfbackend.rules.findings import Verdict
 
 ENGINE_UNAVAILABLE = "run skipped: parity engine unavailable"
 
@@ -144,6 +144,8 @@ def _run(
         result = engine(
             m.source, tp=tp, pp=pp, revision=m.revision, token=options.token, device=device,
             trust_remote_code=_trusted(m, options),
+            # the plan the check judged is the one the run proves
+            **({"vllm_version": m.vllm_version} if m.vllm_version else {}),
         )  # fmt: skip
     except UserError as exc:
         return RunOutcome(tp, pp, RUN_ERROR, str(exc), seconds=time.perf_counter() - t0)

@@ -6,19 +6,41 @@ Facts are plain data. The planner and the rules read them; nothing downstream to
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from functools import cached_property
 from typing import Any
 
-# Module kinds the walker tells apart; everything else is "other".
-LINEAR = "linear"
-CONV1D = "conv1d"  # GPT-2 style transposed linear: the backend never replaces it
-CONV = "conv"  # nn.Conv2d / nn.Conv3d (and subclasses): vLLM 0.32 swaps the exact classes
-EMBEDDING = "embedding"
-NORM = "norm"
-EXPERTS = "experts"
-ATTENTION = "attention"
-MODULE_LIST = "module_list"
-OTHER = "other"
+
+class ModuleKind(str, Enum):
+    """What the walker took a module for; every kind a planner step or rule tests is here."""
+
+    LINEAR = "linear"
+    CONV1D = "conv1d"  # GPT-2 style transposed linear: the backend never replaces it
+    CONV = "conv"  # nn.Conv2d / nn.Conv3d (and subclasses): vLLM 0.32 swaps the exact classes
+    EMBEDDING = "embedding"
+    NORM = "norm"  # a leaf *Norm / *NormGated, told apart by running it (attrs["variant"])
+    LAYERNORM = "layernorm"  # nn.LayerNorm and subclasses
+    EXPERTS = "experts"
+    ATTENTION = "attention"
+    MODULE_LIST = "module_list"
+    OTHER = "other"
+
+    # the value, not "ModuleKind.LINEAR", in messages and f-strings (as StrEnum does on 3.11)
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+
+# The kinds by their short names, as the planner and rules import them.
+LINEAR = ModuleKind.LINEAR
+CONV1D = ModuleKind.CONV1D
+CONV = ModuleKind.CONV
+EMBEDDING = ModuleKind.EMBEDDING
+NORM = ModuleKind.NORM
+LAYERNORM = ModuleKind.LAYERNORM
+EXPERTS = ModuleKind.EXPERTS
+ATTENTION = ModuleKind.ATTENTION
+MODULE_LIST = ModuleKind.MODULE_LIST
+OTHER = ModuleKind.OTHER
 
 # Norm variants, decided by running the norm, not by reading its class name.
 NORM_PLAIN = "plain"  # x̂ * w
@@ -103,7 +125,7 @@ class ModuleFact:
 
     qualname: str  # as vLLM names it: prefixed with "model."
     class_name: str
-    kind: str
+    kind: ModuleKind
     params: dict[str, list[int]] = field(default_factory=dict)  # direct parameters only
     attrs: dict[str, Any] = field(default_factory=dict)
     # Direct persistent buffers: vLLM's AutoWeightsLoader loads a checkpoint tensor into one
@@ -137,6 +159,12 @@ class ModelFacts:
     architecture_compatible: bool | None = None  # vLLM 0.32's registry gate; None: not judged
     vllm_config_class: str | None = None  # the installed vLLM's own config class, when it has one
     vllm_config_error: str | None = None  # why transformers cannot build from vLLM's class
+    # The base model's module builds masks with transformers' masking_utils: under vLLM's
+    # "vllm" attention implementation those return None, so no layer ever sees a mask tensor.
+    masks_from_masking_utils: bool = False
+    # Whether the base model's own code ever applies `config.sliding_window` (a sliding-window
+    # mask, or `sliding_window=` handed to the attention interface); None: source unreadable.
+    builds_sliding_mask: bool | None = None
 
     def module(self, qualname: str) -> ModuleFact | None:
         """The fact for one module, by qualname (planning looks modules up per fused projection)."""

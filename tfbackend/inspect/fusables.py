@@ -5,33 +5,22 @@ vLLM matches each fuser on an FX trace of the module class (`fusers/glu.py`, `qk
 succeeds; both sides decide. We take the same trace (`fxtrace.py`), the same matches
 (`fx_match.py`) and the same source checks (`rewrite.py`), without vLLM. One analysis per
 (class, children, linear shapes), as vLLM caches per class; what does not fuse is recorded with
-the reason. Shape checks that depend on tp (vLLM's `validate`) are left to the planner.
+the reason. Which match wins is the profile's fuser order, and shape checks that depend on tp
+(vLLM's `validate`) are the fusers' (fusers/): the facts only say what matched.
 """
 
 from __future__ import annotations
 
-import ast
+from collections.abc import Callable
 from typing import Any
-
-from tfbackend.inspect.rewrite import forward_source
-
-# transformers activation names with a vLLM `...AndMul` kernel
-# (vllm/model_executor/layers/activation.py: _ACTIVATION_AND_MUL_REGISTRY)
-ACT_AND_MUL = {
-    "gelu": "GeluAndMul",
-    "gelu_pytorch_tanh": "GeluAndMul",
-    "silu": "SiluAndMul",
-    "swish": "SiluAndMul",
-    "geglu": "GeluAndMul",
-    "swigluoai": "SwigluOAIAndMul",
-}
 
 _cache: dict[tuple, dict[str, Any] | None] = {}
 
 
-def fusion_fact(module: Any) -> dict[str, Any] | None:
+def fusion_fact(module: Any, graph: Callable[[], Any] | None = None) -> dict[str, Any] | None:
     """The fusion vLLM would try on this module instance's class, as plain data (None: nothing
-    to fuse: fewer than two linear children)."""
+    to fuse: fewer than two linear children). `graph` gives the module's FX trace when the
+    caller took it already (the walk traces a module once for every match)."""
     import torch.nn as nn
 
     linears = {n: c for n, c in module.named_children() if isinstance(c, nn.Linear)}
@@ -45,38 +34,31 @@ def fusion_fact(module: Any) -> dict[str, Any] | None:
         tuple(n for n, _ in module.named_children()),
         tuple((n, c.in_features, c.out_features) for n, c in linears.items()),
         head_dim if isinstance(head_dim, int) else None,
+        # per-instance switches the forward branches on (Gemma 3n's activation_sparsity
+        # differs by layer): one class, two traces
+        tuple(
+            (k, v)
+            for k, v in sorted(vars(module).items())
+            if not k.startswith("_") and isinstance(v, (bool, int, float, str))
+        ),
     )
     if key not in _cache:
         try:
-            _cache[key] = _analyse(module)
+            _cache[key] = _analyse(module, graph)
         except Exception as exc:  # any unreadable forward: vLLM's rewrite fails the same way
-            _cache[key] = {"fuser": None, "reason": f"forward not analysable: {exc}"}
+            _cache[key] = {"candidates": [], "reason": f"forward not analysable: {exc}"}
     return _cache[key]
 
 
-def act_and_mul_name(act: Any) -> str | None:
-    """The `...AndMul` name for a transformers activation module (vLLM's GLUFuser rule)."""
-    import torch.nn as nn
-    from transformers.activations import ACT2CLS
-
-    for name, cls in ACT2CLS.items():
-        cls = cls[0] if isinstance(cls, tuple) else cls
-        if type(act) is cls and name in ACT_AND_MUL:
-            return name
-    if type(act) is nn.GELU:
-        return "gelu_pytorch_tanh" if act.approximate == "tanh" else "gelu"
-    return None
-
-
-def _analyse(module: Any) -> dict[str, Any]:
+def _analyse(module: Any, graph_of: Callable[[], Any] | None) -> dict[str, Any]:
     """vLLM's `get_fusers` for this class: each fuser's match on the FX trace, kept only when
     its forward rewrite would succeed (`fx_match`, `rewrite`), in vLLM's priority order."""
-    from tfbackend.inspect import fx_match, rewrite
+    from tfbackend.inspect import fx_match, rewrite  # torch.fx: imported when a module is read
     from tfbackend.inspect.fxtrace import trace
 
-    graph = trace(module)
+    graph = graph_of() if graph_of is not None else trace(module)
     if graph is None:
-        return {"fuser": None, "reason": "forward not traceable"}
+        return {"candidates": [], "reason": "forward not traceable"}
     rewrites = {
         "glu": lambda c: rewrite.check_glu(module, c["act"], c["gate"], c["up"]),
         "qkv": lambda c: rewrite.check_qkv(module, c["q"], c["k"], c["v"]),
@@ -94,22 +76,24 @@ def _analyse(module: Any) -> dict[str, Any]:
             continue
         candidates.append(cand)
     if candidates:
-        from tfbackend.inspect.fxtrace import downstream_linears
+        from tfbackend.inspect.fxtrace import downstream_linears, feature_reductions
 
         for cand in candidates:
             pieces = cand.get("linears") or [cand.get(k) for k in ("q", "k", "v", "gate", "up")]
-            cand["downstream"] = downstream_linears(graph, module, [p for p in pieces if p])
-        return {"fuser": candidates[0]["fuser"], "candidates": candidates}
+            pieces = [p for p in pieces if p]
+            cand["downstream"] = downstream_linears(graph, module, pieces)
+            cand["reduced"] = feature_reductions(graph, module, pieces)
+        return {"candidates": candidates}  # every match; the profile's order picks
     reason = "; ".join(refused) or "no q/k/v, packed qkv, gate/up or sibling linears"
     if not refused and (groups := fx_match.sibling_groups(graph, module)) > 1:
         reason = f"{groups} sibling-linear groups: which to merge is ambiguous"
-    return {"fuser": None, "reason": reason}
+    return {"candidates": [], "reason": reason}
 
 
 def router_scoring(module: Any) -> str | None:
-    """ "softmax" / "sigmoid" when the module's forward is `topk(score(linear(x)))`, the router
-    vLLM's MoEBlockFuser._match_router accepts (the scorer must feed the top-k; a softmax applied
-    after it does not count); None otherwise, and routing then stays in Transformers.
+    """ "softmax" / "sigmoid" when the module's traced forward is `topk(score(linear(x)))`, the
+    router vLLM's MoEBlockFuser._match_router accepts (the scorer must feed the top-k; a softmax
+    applied after it does not count); None otherwise, and routing then stays in Transformers.
 
     vLLM first asks that the router's whole state, children's parameters and buffers included,
     be `weight` plus an optional `e_score_correction_bias` (Ernie 4.5 keeps that bias in a child,
@@ -117,62 +101,22 @@ def router_scoring(module: Any) -> str | None:
     state = {n for n, _ in module.named_parameters()} | {n for n, _ in module.named_buffers()}
     if "weight" not in state or state - {"weight", "e_score_correction_bias"}:
         return None
-    try:
-        funcdef = forward_source(type(module))
-    except Exception:
+    from tfbackend.inspect.fxtrace import is_op, reaches, trace
+
+    graph = trace(module)
+    if graph is None:
         return None
-    import torch.nn as nn
-
-    is_linear_module = isinstance(module, nn.Linear)
-    values: dict[str, list[ast.AST]] = {}
-    for node in ast.walk(funcdef):
-        if isinstance(node, ast.Assign):
-            for target in node.targets:
-                for name in ast.walk(target):
-                    if isinstance(name, ast.Name):
-                        values.setdefault(name.id, []).append(node.value)
-
-    def cone(exprs) -> list[ast.Call]:
-        calls, seen, stack = [], set(), list(exprs)
-        while stack:
-            expr = stack.pop()
-            for node in ast.walk(expr):
-                if isinstance(node, ast.Call):
-                    calls.append(node)
-                elif isinstance(node, ast.Name) and node.id not in seen:
-                    seen.add(node.id)
-                    stack.extend(values.get(node.id, []))
-        return calls
-
-    def op(call: ast.Call) -> str | None:
-        func = call.func
-        return func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
-
-    def inputs(call: ast.Call) -> list[ast.AST]:
-        receiver = [call.func.value] if isinstance(call.func, ast.Attribute) else []
-        return receiver + list(call.args) + [k.value for k in call.keywords]
-
-    topks = [n for n in ast.walk(funcdef) if isinstance(n, ast.Call) and op(n) == "topk"]
+    # the routing top-k is the last one; an earlier one scores expert groups
+    topks = [n for n in graph.nodes if is_op(n, "topk")]
     if not topks:
         return None
-    topk = max(topks, key=lambda n: (n.lineno, n.col_offset))
-    scorers = {id(c): c for c in cone(inputs(topk)) if op(c) in ("softmax", "sigmoid")}
+    scorers = [
+        n
+        for n in reaches(topks[-1], "all_input_nodes")
+        if is_op(n, "softmax") or is_op(n, "sigmoid")
+    ]
     if len(scorers) != 1:
         return None
-    (scorer,) = scorers.values()
-
-    def is_linear(call: ast.Call) -> bool:
-        # an nn.Linear subclass's `super().forward(x)` traces to F.linear
-        func = call.func
-        via_super = (
-            is_linear_module
-            and op(call) == "forward"
-            and isinstance(func, ast.Attribute)
-            and isinstance(func.value, ast.Call)
-            and getattr(func.value.func, "id", None) == "super"
-        )
-        return op(call) == "linear" or via_super
-
-    if not any(is_linear(c) for c in cone(inputs(scorer))):
+    if not any(is_op(n, "linear") for n in reaches(scorers[0], "all_input_nodes")):
         return None
-    return op(scorer)
+    return "softmax" if is_op(scorers[0], "softmax") else "sigmoid"

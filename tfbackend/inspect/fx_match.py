@@ -3,7 +3,7 @@
 One function per fuser of vllm/model_executor/models/transformers/fusers/ (glu.py, qkv.py,
 packed_qkv.py, merged_column.py `match`), each returning the fusion as plain data, or None. They
 read the class's first instance, as vLLM's per-class cache does; per-instance shape checks
-(`validate`) are the planner's (`replace/fusion.py`), since some depend on tp.
+(`validate`) are the fusers' (`tfbackend/fusers/`), since some depend on tp.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 from torch import fx, nn
 
 from tfbackend.inspect.fxtrace import is_linear, peel, returned_linear, upstream_linear
+from tfbackend.inspect.vllm_names import act_and_mul_name, merged_name
 
 
 def _out(module: nn.Module, name: str) -> int:
@@ -42,7 +43,6 @@ def _by_placeholder(graph: fx.Graph, module: nn.Module) -> list[list[fx.Node]]:
 
 def glu(graph: fx.Graph, module: nn.Module) -> dict[str, Any] | None:
     """`act(gate(x)) * up(x)`: the first such multiply; `down` reads the product."""
-    from tfbackend.inspect.fusables import act_and_mul_name
 
     def act_of_gate(node: object) -> bool:
         return (
@@ -165,11 +165,6 @@ def merged_column(graph: fx.Graph, module: nn.Module) -> dict[str, Any] | None:
     if hasattr(module, merged_name(groups[0])):
         return None
     return {"fuser": "merged_column", "linears": groups[0]}
-
-
-def merged_name(names: list[str]) -> str:
-    """vLLM's name for the merged projection (lengths disambiguate `a_b` + `c` from `a` + `b_c`)."""
-    return "merged_proj_" + "_".join(f"{len(n)}_{n}" for n in names)
 
 
 def sibling_groups(graph: fx.Graph, module: nn.Module) -> int:

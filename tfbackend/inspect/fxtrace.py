@@ -82,6 +82,8 @@ class _LeafTracer(fx.Tracer):
         if isinstance(proxy, _MetaProxy) and proxy.meta is _UNKNOWN:
             with contextlib.suppress(Exception):  # unknown is fatal only if a shape is asked
                 proxy.meta = self._meta_value(kind, target, args, kwargs)
+        if isinstance(proxy, _MetaProxy) and proxy.meta is not _UNKNOWN:
+            proxy.node.meta["value"] = proxy.meta  # graph queries read shapes off the nodes
         return proxy
 
     def _meta_value(self, kind: str, target: object, args: tuple, kwargs: dict) -> Any:
@@ -252,6 +254,22 @@ def upstream_linear(node: object, module: nn.Module) -> fx.Node | None:
     return None
 
 
+def downstream_linear(node: fx.Node, module: nn.Module) -> fx.Node | None:
+    """The nearest linear consuming `node`'s output, forward through function and method
+    calls (casts, scalings), never through the attention call (fx_utils.downstream_linear)."""
+    queue, seen = list(node.users), set()
+    while queue:
+        current = queue.pop(0)
+        if current in seen:
+            continue
+        seen.add(current)
+        if is_linear(current, module):
+            return current
+        if current.op in ("call_function", "call_method") and not is_leaf_call(current):
+            queue.extend(current.users)
+    return None
+
+
 def downstream_linears(graph: fx.Graph, module: nn.Module, names: list[str]) -> list[str]:
     """The nearest linear children fed by the outputs of linears `names` (through ops, norms and
     the attention call): where a column-split projection's per-rank slices go next."""
@@ -283,6 +301,32 @@ def returned_linear(graph: fx.Graph, module: nn.Module) -> str | None:
     return None if linear is None else str(linear.target)
 
 
+def reaches(node: fx.Node, key: str) -> set[fx.Node]:
+    """Every node reachable from `node` along `key` edges ("users" or "all_input_nodes"),
+    `node` included."""
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        stack.extend(getattr(current, key))
+    return seen
+
+
+def is_op(node: object, name: str) -> bool:
+    """`torch.<name>`, `F.<name>`, `operator.<name>` called, or the tensor method `<name>`."""
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "call_function":
+        return any(
+            getattr(owner, name, None) is not None and node.target is getattr(owner, name)
+            for owner in (torch, torch.nn.functional, operator)
+        )
+    return node.op == "call_method" and node.target == name and hasattr(torch.Tensor, name)
+
+
 _DTYPE_CASTS = frozenset({"to", "float", "double", "half", "bfloat16", "type_as"})
 
 
@@ -291,3 +335,51 @@ def peel(node: object) -> object:
     while isinstance(node, fx.Node) and node.op == "call_method" and node.target in _DTYPE_CASTS:
         node = node.args[0]
     return node
+
+
+_REDUCTIONS = frozenset({
+    "mean", "std", "var", "sum", "norm", "amax", "amin", "softmax", "log_softmax", "topk",
+    "sort", "logsumexp", "median", "quantile", "std_mean", "var_mean",
+})  # fmt: skip
+
+
+def _reduced_dim(node: fx.Node) -> object:
+    dim = node.kwargs.get("dim")
+    if dim is None and len(node.args) > 1:
+        dim = node.args[1]
+    return dim
+
+
+def feature_reductions(graph: fx.Graph, module: nn.Module, names: list[str]) -> list[str]:
+    """Reductions over the last (feature) dim of the outputs of linears `names`, on the way to
+    the next linear: statistics a rank holding a column slice computes over its slice only
+    (Gemma 3n's activation sparsity: `mean`/`std` of gate_proj over its features)."""
+    starts = [n for n in graph.nodes if is_linear(n, module) and str(n.target) in names]
+    widths = {module.get_submodule(str(n.target)).out_features for n in starts}
+    found: list[str] = []
+    stack, seen = [u for n in starts for u in n.users], set()
+    while stack:
+        node = stack.pop()
+        if node in seen or is_linear(node, module):
+            continue
+        seen.add(node)
+        if node.op in ("call_function", "call_method"):
+            name = str(node.target) if node.op == "call_method" else node.target.__name__
+            src = node.args[0] if node.args else None
+            if (
+                name in _REDUCTIONS
+                and _reduced_dim(node) in (-1, None)
+                and name not in found
+                and _last_dim(src) in widths
+            ):
+                found.append(name)
+        stack.extend(node.users)
+    return found
+
+
+def _last_dim(node: object) -> int | None:
+    """The last dim of the value a traced node carries (None: not known)."""
+    if not isinstance(node, fx.Node):
+        return None
+    shape = getattr(node.meta.get("value"), "shape", None)
+    return int(shape[-1]) if shape else None

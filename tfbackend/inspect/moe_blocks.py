@@ -12,22 +12,18 @@ vLLM moves routing (and a shared expert) into its MoERunner only when every step
    (`_match_shared_experts`);
 4. no other child holds state (fail closed: the rewritten forward would drop it).
 
-vLLM reads step 3 from an fx trace; we read the same dataflow from the forward's source,
-position by position (a name means its latest assignment before the use), following only the
-branch of an `if self.<flag>:` the instance takes, as tracing does. One reading per
-(class, children): the answer is plain data, `None` fields meaning "not found".
+Steps 2 and 3 match on FX traces of the router and of the block (`fxtrace.trace`, the trace
+vLLM's fusers take), step 1 reads the source as vLLM does. One reading per (class, children):
+the answer is plain data, `None` fields meaning "not found".
 """
 
 from __future__ import annotations
 
 import ast
-import operator
 from typing import Any
 
 from tfbackend.inspect.fusables import router_scoring
 from tfbackend.inspect.rewrite import forward_source
-
-_DTYPE_CASTS = frozenset({"to", "float", "double", "half", "bfloat16", "type_as"})
 
 _cache: dict[tuple, dict[str, Any]] = {}
 
@@ -87,20 +83,21 @@ def _match(block, experts: str, children: dict, stateful: set[str]) -> dict[str,
         return _verdict(reason=_no_router(children, experts))
     shared = shared_gate = None
     if set(children) - {experts, router}:
-        try:
-            shared, shared_gate = _shared_experts(block, experts)
-        except Exception as exc:  # noqa: BLE001 - an unreadable forward: nothing found
-            shared, shared_gate = None, None
-            why = f"forward not readable ({exc})"
-        else:
-            why = ""
+        from tfbackend.inspect.fxtrace import trace
+
+        graph = trace(block)
+        if graph is None:  # vLLM gives up on the block: routing stays in Transformers
+            return _verdict(reason=f"{type(block).__name__}.forward not traceable")
+        shared, shared_gate = _shared_experts(graph, experts)
         if shared_gate is not None and shared_gate not in _scalar_gates(block):
             return _verdict(reason=f"shared-expert gate {shared_gate} is not a one-logit linear")
         accounted = {experts, router, shared, shared_gate}
         dropped = sorted(stateful - accounted)
         if dropped:
-            detail = why or "not the shared expert its forward adds to the experts' output"
-            return _verdict(reason=f"child {dropped[0]} holds state and is {detail}")
+            return _verdict(
+                reason=f"child {dropped[0]} holds state and is not the shared expert its "
+                "forward adds to the experts' output"
+            )
     return _verdict(router, scoring, shared, shared_gate)
 
 
@@ -157,232 +154,40 @@ def _own_returns(node: ast.AST):
             stack.extend(ast.iter_child_nodes(child))
 
 
-class _Flow:
-    """The forward's live statements (untaken `if self.<flag>` branches pruned) and, for a name
-    read at a position, the value it was last assigned before it."""
-
-    def __init__(self, block: Any, funcdef: ast.FunctionDef):
-        self.block = block
-        self.params = {a.arg for a in funcdef.args.args[1:] + funcdef.args.kwonlyargs}
-        self.statements: list[ast.stmt] = []
-        self._live(funcdef.body)
-        self.defs: dict[str, list[tuple[tuple[int, int], ast.AST]]] = {}
-        for stmt in self.statements:
-            if isinstance(stmt, ast.Assign):
-                targets = stmt.targets
-            elif isinstance(stmt, (ast.AugAssign, ast.AnnAssign)) and stmt.value is not None:
-                targets = [stmt.target]
-            else:
-                continue
-            end = (stmt.end_lineno, stmt.end_col_offset)
-            for target in targets:
-                for name in ast.walk(target):
-                    if isinstance(name, ast.Name):
-                        self.defs.setdefault(name.id, []).append((end, stmt))
-
-    def _live(self, body: list[ast.stmt]) -> None:
-        for stmt in body:
-            self.statements.append(stmt)
-            if isinstance(stmt, ast.If):
-                taken = self._decide(stmt.test)
-                if taken is not False:
-                    self._live(stmt.body)
-                if taken is not True:
-                    self._live(stmt.orelse)
-            elif isinstance(stmt, (ast.For, ast.While, ast.With, ast.Try)):
-                for field in ("body", "orelse", "finalbody"):
-                    self._live(getattr(stmt, field, []) or [])
-                for handler in getattr(stmt, "handlers", []):
-                    self._live(handler.body)
-
-    def _decide(self, test: ast.expr) -> bool | None:
-        """The truth of `self.<attr>` / `not ...` / `... is None` when the instance says it
-        (fx runs such Python conditions concretely), else None: both branches stay."""
-        if isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not):
-            inner = self._decide(test.operand)
-            return None if inner is None else not inner
-        if (
-            isinstance(test, ast.Attribute)
-            and isinstance(test.value, ast.Name)
-            and test.value.id == "self"
-        ):
-            value = getattr(self.block, test.attr, _Unknown)
-            if isinstance(value, (bool, int, float, str)) or value is None:
-                return bool(value)
-        return None
-
-    def reaching(self, name: str, at: tuple[int, int]) -> ast.AST | None:
-        before = [(end, stmt) for end, stmt in self.defs.get(name, []) if end <= at]
-        return max(before, key=lambda d: d[0])[1] if before else None
-
-    def cone(self, expr: ast.AST) -> list[ast.AST]:
-        """Every expression node `expr`'s value is computed from, through assignments."""
-        out: list[ast.AST] = []
-        seen: set[int] = set()
-        stack = [expr]
-        while stack:
-            node = stack.pop()
-            if id(node) in seen:
-                continue
-            seen.add(id(node))
-            if isinstance(node, ast.Assign | ast.AnnAssign):
-                stack.append(node.value)
-                continue
-            if isinstance(node, ast.AugAssign):
-                # `x += y` reads the previous x as well
-                stack.append(node.value)
-                if isinstance(node.target, ast.Name):
-                    prev = self.reaching(node.target.id, (node.lineno, node.col_offset))
-                    if prev is not None:
-                        stack.append(prev)
-                continue
-            for sub in ast.walk(node):
-                out.append(sub)
-                if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Load):
-                    d = self.reaching(sub.id, (sub.lineno, sub.col_offset))
-                    if d is not None:
-                        stack.append(d)
-        return out
-
-    def resolve(self, expr: ast.AST) -> ast.AST:
-        """A name's assigned value (single-target assignments), a dtype cast's receiver."""
-        while True:
-            if isinstance(expr, ast.Name):
-                d = self.reaching(expr.id, (expr.lineno, expr.col_offset))
-                if (
-                    isinstance(d, ast.Assign)
-                    and len(d.targets) == 1
-                    and isinstance(d.targets[0], ast.Name)
-                ):
-                    expr = d.value
-                    continue
-                return expr
-            if (
-                isinstance(expr, ast.Call)
-                and isinstance(expr.func, ast.Attribute)
-                and expr.func.attr in _DTYPE_CASTS
-            ):
-                expr = expr.func.value
-                continue
-            return expr
-
-
-class _Unknown:
-    pass
-
-
-def _self_path(expr: ast.AST) -> str | None:
-    """`self.a.b` → "a.b"."""
-    parts = []
-    while isinstance(expr, ast.Attribute):
-        parts.append(expr.attr)
-        expr = expr.value
-    if isinstance(expr, ast.Name) and expr.id == "self" and parts:
-        return ".".join(reversed(parts))
-    return None
-
-
-def _module_call(block: Any, node: ast.AST) -> str | None:
-    """The submodule a `self.<path>(...)` call runs (an fx call_module), if any."""
-    import torch.nn as nn
-
-    if not isinstance(node, ast.Call):
-        return None
-    path = _self_path(node.func)
-    if path is None:
-        return None
-    try:
-        return path if isinstance(block.get_submodule(path), nn.Module) else None
-    except AttributeError:
-        return None
-
-
-def _op(node: ast.AST) -> str | None:
-    if not isinstance(node, ast.Call):
-        return None
-    func = node.func
-    return func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
-
-
-def _adds(flow: _Flow) -> list[tuple[ast.AST, list[ast.AST]]]:
-    """Additions in execution order with their operands: `a + b`, `x += y` (traced as an add),
-    `torch.add(a, b)`, `a.add(b)`."""
-    found = []
-    for stmt in flow.statements:
-        if isinstance(stmt, ast.AugAssign) and isinstance(stmt.op, ast.Add):
-            found.append((stmt, [stmt.target, stmt.value]))
-        for node in _own_expressions(stmt):
-            if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
-                found.append((node, [node.left, node.right]))
-            elif _op(node) == "add":
-                func = node.func
-                receiver = func.value if isinstance(func, ast.Attribute) else None
-                is_torch = isinstance(receiver, ast.Name) and receiver.id in ("torch", "operator")
-                args = list(node.args) if is_torch or receiver is None else [receiver, *node.args]
-                found.append((node, args))
-    return sorted(found, key=lambda f: (f[0].end_lineno, f[0].end_col_offset))
-
-
-def _own_expressions(stmt: ast.stmt):
-    """Expression nodes of `stmt` itself, not of the statements nested in it."""
-    stack = [c for c in ast.iter_child_nodes(stmt) if not isinstance(c, ast.stmt)]
-    while stack:
-        node = stack.pop()
-        yield node
-        stack.extend(c for c in ast.iter_child_nodes(node) if not isinstance(c, ast.stmt))
-
-
-def _is_traced(block: Any, flow: _Flow, expr: ast.AST) -> bool:
-    """Would fx hold this operand as a graph node (not a Python constant)?"""
-    import torch
-
-    expr = flow.resolve(expr) if isinstance(expr, ast.Name) else expr
-    if isinstance(expr, ast.Constant):
-        return False
-    if (path := _self_path(expr)) is not None:
-        # a tensor attribute is a get_attr node; a Python number stays a constant
-        try:
-            value = operator.attrgetter(path)(block)
-        except AttributeError:
-            return False
-        return isinstance(value, torch.Tensor | torch.nn.Module)
-    return True
-
-
-def _shared_experts(block: Any, experts: str) -> tuple[str | None, str | None]:
+def _shared_experts(graph, experts: str) -> tuple[str | None, str | None]:
     """vLLM's `_match_shared_experts`: the first addition with the experts' output on exactly one
     side; the other side must run exactly one child besides an optional sigmoid gate."""
-    flow = _Flow(block, forward_source(type(block)))
+    from torch import fx
 
-    def from_experts(expr: ast.AST) -> bool:
-        return any(_module_call(block, n) == experts for n in flow.cone(expr))
+    from tfbackend.inspect.fxtrace import is_op, peel, reaches
 
-    if not any(
-        _module_call(block, n) == experts for s in flow.statements for n in _own_expressions(s)
-    ):
+    experts_node = next(
+        (n for n in graph.nodes if n.op == "call_module" and n.target == experts), None
+    )
+    if experts_node is None:
         return None, None
-    for _, operands in _adds(flow):
-        operands = [o for o in operands if _is_traced(block, flow, o)]
-        sides = [from_experts(o) for o in operands]
+    from_experts = reaches(experts_node, "users")
+    for add in graph.nodes:
+        if not is_op(add, "add"):
+            continue
+        operands = [a for a in add.args if isinstance(a, fx.Node)]
+        sides = [a in from_experts for a in operands]
         if len(operands) != 2 or sides.count(True) != 1:
             continue
-        cone = flow.cone(operands[sides.index(False)])
-        modules = []
-        for n in cone:
-            if (target := _module_call(block, n)) is not None and target != experts:
-                if target not in modules:
-                    modules.append(target)
-        gate = None
-        for n in cone:
-            if _op(n) != "sigmoid":
-                continue
-            func = n.func
-            arg = n.args[0] if n.args else func.value if isinstance(func, ast.Attribute) else None
-            if arg is not None and (target := _module_call(block, flow.resolve(arg))) in modules:
-                gate = target
-                break
-        shared = [m for m in modules if m != gate]
+        cone = reaches(operands[sides.index(False)], "all_input_nodes")
+        modules = [n for n in cone if n.op == "call_module" and n.target != experts]
+        gate = next(
+            (
+                src
+                for n in cone
+                if is_op(n, "sigmoid")
+                and isinstance(src := peel(n.args[0]), fx.Node)
+                and src in modules
+            ),
+            None,
+        )
+        shared = [n for n in modules if n is not gate]
         if len(shared) != 1:
             return None, None
-        return shared[0], gate
+        return str(shared[0].target), (str(gate.target) if gate is not None else None)
     return None, None

@@ -10,15 +10,33 @@ class is imported only for those model types, so every other check pays nothing.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Mapping
 from typing import Any
 
+# vllm/transformers_utils/config.py (0.32): _CONFIG_REGISTRY, the model types transformers also
+# has, and the class vLLM parses each with. A profile names the table its release uses.
+VLLM_CONFIG_CLASSES: Mapping[str, str] = {
+    "chatglm": "ChatGLMConfig",
+    "deepseek_v32": "DeepseekV3Config",
+    "deepseek_v4": "DeepseekV4Config",
+    "hy_v4": "HYV4Config",
+    "kimi_linear": "KimiLinearConfig",
+    "kimi_k2": "DeepseekV3Config",
+    "minimax_m3_vl": "MiniMaxM3Config",
+    "step3_text": "Step3TextConfig",
+    "step3_vl": "Step3VLConfig",
+    "ovis": "OvisConfig",
+    "inkling_mm_model": "InklingMMConfig",
+    "inkling_model": "InklingModelConfig",
+}
 
-def as_vllm_parses(config: Any) -> tuple[Any, str | None, str | None]:
+
+def as_vllm_parses(
+    config: Any, classes: Mapping[str, str] = VLLM_CONFIG_CLASSES
+) -> tuple[Any, str | None, str | None]:
     """(config, None, None); or the config re-read with the installed vLLM's class and that
     class's name; or, when that class rejects the config, (config, None, why): vLLM fails there."""
-    from tfbackend.replace.profiles import PROFILES
-
-    name = PROFILES["vllm-0.32"].config_overrides.get(getattr(config, "model_type", ""))
+    name = classes.get(getattr(config, "model_type", ""))
     if name is None or importlib.util.find_spec("vllm") is None:
         return config, None, None
     try:

@@ -13,6 +13,7 @@ from tfbackend.inspect.facts import (
     CONV1D,
     EMBEDDING,
     EXPERTS,
+    LAYERNORM,
     LINEAR,
     MODULE_LIST,
     NORM,
@@ -25,11 +26,10 @@ from tfbackend.inspect.facts import (
 )
 from tfbackend.inspect.fusables import fusion_fact
 from tfbackend.inspect.heterogeneous import layer_geometry, whole_model
+from tfbackend.inspect.linear_forward import linear_forward_fact
 from tfbackend.inspect.mla import mla_fact
 from tfbackend.inspect.moe_blocks import moe_block_fact
 from tfbackend.inspect.norms import EPS_ATTRS, classify_norm, norm_eps, zero_initialised
-
-LAYERNORM = "layernorm"
 
 # Attribute aliases, in the order the backend tries them.
 NUM_EXPERTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
@@ -240,6 +240,7 @@ def walk(model: Any, config: Any, text: Any, source: SourceInfo) -> ModelFacts:
         input_embedding = None
     modules: list[ModuleFact] = []
     norm_cache: dict[tuple, tuple[str, bool, bool | None]] = {}
+    linear_cache: dict[tuple, dict[str, Any] | None] = {}
     experts_prefixes: list[str] = []
     has_non_causal = False
     for name, module in model.named_modules():
@@ -266,6 +267,11 @@ def walk(model: Any, config: Any, text: Any, source: SourceInfo) -> ModelFacts:
                 "out_features": module.out_features,
                 "bias": module.bias is not None,
             }
+            key = (cls, module.in_features, module.out_features, module.bias is not None)
+            if key not in linear_cache:
+                linear_cache[key] = linear_forward_fact(module)
+            if linear_cache[key] is not None:
+                fact.attrs["own_forward"] = linear_cache[key]
         elif Conv1D and isinstance(module, Conv1D):
             fact.kind = CONV1D
             fact.attrs = {"in_features": module.nx, "out_features": module.nf}
@@ -330,13 +336,27 @@ def walk(model: Any, config: Any, text: Any, source: SourceInfo) -> ModelFacts:
                     "scaling": call.scaling if call else None,
                     "s_aux": call.s_aux if call else None,
                     "sinks_shape": _sinks_shape(module, call),
+                    "interface_keywords": list(call.keywords) if call else [],
+                    "own_mask": call.own_mask if call else None,
+                    "kv_expanded": list(call.kv_expanded) if call else [],
                 }
                 if reshapes := attn.head_count_reshapes(module):
                     fact.attrs["head_count_reshapes"] = list(reshapes)
-        if fact.kind in (OTHER, ATTENTION) and (fusion := fusion_fact(module)) is not None:
-            fact.attrs["fusion"] = fusion
-        if fact.kind in (OTHER, ATTENTION) and (mla := mla_fact(module)) is not None:
-            fact.attrs["mla"] = mla
+                if reads := attn.tensor_mask_reads(module):
+                    fact.attrs["tensor_mask_reads"] = list(reads)
+        if isinstance(module, nn.Conv1d):
+            # groups == channels: a depthwise (short) convolution, which vLLM feeds its packed
+            # batch as one sequence
+            fact.attrs["conv1d"] = {
+                "depthwise": module.groups == module.in_channels == module.out_channels,
+                "kernel": int(module.kernel_size[0]),
+            }
+        if fact.kind in (OTHER, ATTENTION):
+            graph = _once(_trace, module)  # one FX trace, read by every match that needs it
+            if (fusion := fusion_fact(module, graph)) is not None:
+                fact.attrs["fusion"] = fusion
+            if (mla := mla_fact(module, graph)) is not None:
+                fact.attrs["mla"] = mla
         fact.buffers = _persistent_buffers(module)
         modules.append(fact)
 
@@ -362,10 +382,46 @@ def walk(model: Any, config: Any, text: Any, source: SourceInfo) -> ModelFacts:
             m.kind == ATTENTION and m.attrs.get("interface") for m in modules
         ),
         has_non_causal_module=has_non_causal,
+        builds_sliding_mask=attn.builds_sliding_mask(type(model)),
         num_parameters=sum(p.numel() for p in model.parameters()),
         modules=modules,
         versions=versions(),
+        masks_from_masking_utils=_uses_masking_utils(model),
     )
+
+
+def _uses_masking_utils(model: Any) -> bool:
+    """Whether the base model's module builds its masks with transformers' masking_utils, whose
+    functions return None for an attention implementation they do not know (vLLM's "vllm")."""
+    import sys
+
+    source = sys.modules.get(type(model).__module__)
+    return (
+        any(
+            getattr(value, "__module__", None) == "transformers.masking_utils"
+            for value in vars(source).values()
+        )
+        if source is not None
+        else False
+    )
+
+
+def _once(fn, *args):
+    """`fn(*args)` computed on the first call only (a trace is taken only if a match asks)."""
+    done: list = []
+
+    def value():
+        if not done:
+            done.append(fn(*args))
+        return done[0]
+
+    return value
+
+
+def _trace(module):
+    from tfbackend.inspect.fxtrace import trace  # torch.fx: imported when a module is read
+
+    return trace(module)
 
 
 def _mrope_section(raw: dict) -> list | None:

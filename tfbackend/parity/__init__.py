@@ -13,11 +13,13 @@ def run_parity(
     device: str = "cuda",
     dtype: str | None = None,
     trust_remote_code: bool = False,
+    vllm_version: str | None = None,
 ):
     """One parity run with default options: the entry point the onboarding gate calls.
 
     CPU runs default to float32 (bf16 matmuls on CPU are slow and add no signal); GPU runs to
-    bfloat16, the dtype models are served in.
+    bfloat16, the dtype models are served in. `vllm_version` picks the profile whose plan runs,
+    as for `check` (the gate passes its manifest's).
     """
     from tfbackend.parity.runner import RunOptions, run
 
@@ -32,5 +34,6 @@ def run_parity(
             revision=revision,
             token=token,
             trust_remote_code=trust_remote_code,
+            vllm_version=vllm_version,
         ),  # fmt: skip
     )

@@ -152,8 +152,18 @@ def run_vllm(local_dir, prompts, reference, options, report, progress, load_form
             raise RunError(f"{exc} (vLLM's logs: {work})") from None
         raise
     finally:
+        _unlink_shared_memory(work.name)
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _unlink_shared_memory(run_id: str) -> None:
+    """Remove the CPU shared-memory segments of this run that a killed rank left behind
+    (vllm_child.name_cpu_shared_memory): every rank has stopped by now."""
+    from tfbackend.parity.vllm_child import SHM_PREFIX
+
+    for segment in Path("/dev/shm").glob(f"{SHM_PREFIX}{run_id}-*"):
+        segment.unlink(missing_ok=True)
 
 
 def _debug(options) -> bool:

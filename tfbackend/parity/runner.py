@@ -44,6 +44,7 @@ class RunOptions:
     debug: bool = False  # keep the engine's logs of a failed run
     scores_out: str | None = None  # write the compared scores here (parity/scores.py)
     original: str | None = None  # a converted folder's original checkpoint (parity/converted.py)
+    vllm_version: str | None = None  # the profile to plan with, as `check --vllm-version`
 
     def validate(self) -> None:
         """Every option, before anything is resolved or loaded."""
@@ -64,6 +65,10 @@ class RunOptions:
 
         validate_mode(self.reference)
         validate_launch(self)
+        if self.vllm_version:
+            from tfbackend.replace.profiles import select_profile
+
+            select_profile(self.vllm_version, None)  # an unknown one is refused before resolve
 
 
 @dataclass
@@ -117,10 +122,19 @@ class RunReport:
         }
 
 
+def plan_profile(options: RunOptions, facts):
+    """The profile `check` would use: `--vllm-version` (a version or a profile name), else the
+    installed vLLM's, else the newest. `run` executes that profile's plan, so it proves what
+    `check` printed."""
+    from tfbackend.replace.profiles import select_profile
+
+    return select_profile(options.vllm_version, facts.versions.get("vllm"))
+
+
 def run_profile():
-    """Per-linear tp_plan semantics (vLLM 0.11) so fusion work in the planner does not change what
-    `run` applies; transformers-5 3-D experts are fused as 0.32 does, since that is the only MoE
-    layout transformers 5 builds."""
+    """The per-linear profile `run` planned with before it executed the selected one: vLLM
+    0.11's tp_plan semantics with transformers-5 3-D experts fused as 0.32 does. Not what `run`
+    uses (`plan_profile`); kept for callers that build per-linear plans."""
     from tfbackend.replace.profiles import PROFILES
 
     return dataclasses.replace(PROFILES["vllm-0.11"], moe_layouts=("module_list", "fused_3d"))
@@ -286,7 +300,7 @@ def _analyse(source, local_dir: str, options: RunOptions):
     from tfbackend.replace.planner import build_plan
 
     facts = facts_from_source(source, trust_remote_code=options.trust_remote_code)
-    plan = build_plan(facts, tp=options.tp, pp=options.pp, profile=run_profile())
+    plan = build_plan(facts, tp=options.tp, pp=options.pp, profile=plan_profile(options, facts))
     _check_runnable(facts, plan, options)
     config = AutoConfig.from_pretrained(local_dir, trust_remote_code=options.trust_remote_code)
     return facts, plan, config

@@ -173,6 +173,8 @@ def main(job_dir: str, rank: int) -> int:
                 f"this vLLM build runs on {current_platform.device_type!r}, not on "
                 f"--device {job['device']}"
             )
+        if job["device"] == "cpu":
+            name_cpu_shared_memory(out.name)
         enter("engine")
         llm = LLM(**job["engine_args"])
         enter("generate")
@@ -195,6 +197,32 @@ def main(job_dir: str, rank: int) -> int:
         _write(out / f"rank{rank}.error.json", json.dumps(record))
         return 1
     return 0
+
+
+def name_cpu_shared_memory(run_id: str) -> None:
+    """Give this run's CPU shared-memory segments a name of their own.
+
+    vLLM's CPU communicator names its segments after VLLM_DIST_IDENT, which cpu_worker.py reads
+    from the init method; under the external launcher that is "env://", so every run of every
+    user gets the same "/dev/shm/-tp:0-[0-1]-cpushm_0". A run killed before it unlinks them (a
+    timeout, Ctrl-C, a crash) makes the next one fail with "create shm in SHMManager failed.
+    errno: 17", and two runs at once collide. The run's own folder name is the same on every
+    rank and unique on the machine; `engine_vllm` removes what is left under it at the end."""
+    from vllm.distributed.device_communicators import cpu_communicator
+
+    shm = getattr(cpu_communicator, "_CPUSHMDistributed", None)
+    if shm is None:  # another vLLM release: its own naming stands
+        return
+    vllm_name = shm.make_group_name
+
+    # shm_open takes one name with no "/" inside: vLLM's starts with "//" under env://
+    shm.make_group_name = staticmethod(
+        lambda c: f"{SHM_PREFIX}{run_id}-" + vllm_name(c).replace("/", "").lstrip("-")
+    )
+
+
+# What this run's CPU shared-memory segments start with under /dev/shm (name_cpu_shared_memory).
+SHM_PREFIX = "tfbackend-"
 
 
 def warm_pipeline(worker) -> None:

@@ -1,6 +1,7 @@
 """Each rank reads only its own slices of the checkpoint (`safe_open(...).get_slice`).
 
-Checkpoint names equal module parameter names for dense models. MoE experts are found under the
+Checkpoint names equal module parameter names for dense models; a fused layer (q/k/v, gate/up)
+names the checkpoint slices of each of its parameters (`pieces`). MoE experts are found under the
 names transformers writes: per-expert `experts.{e}.gate_proj/up_proj/down_proj` (or Mixtral's
 `w1/w3/w2`), or fused 3-D `experts.gate_up_proj [E, 2I, H]` / `experts.down_proj [E, H, I]`.
 """
@@ -86,11 +87,15 @@ def load_rank_weights(
     missing: list[str] = []
     for mod_name, module in model.named_modules():
         if isinstance(module, FusedMoE):
-            load_experts(module, mod_name, reader)
+            load_experts(module, getattr(module, "checkpoint_prefix", mod_name), reader)
             continue
         shards = getattr(module, "shards", {})
+        pieces = getattr(module, "pieces", {})
         for p_name, param in module.named_parameters(recurse=False):
             name = f"{mod_name}.{p_name}" if mod_name else p_name
+            if p_name in pieces:
+                _load_pieces(param, pieces[p_name], reader, missing)
+                continue
             source = _source_name(name, module, reader, tied_source)
             if source is None:
                 missing.append(name)
@@ -106,6 +111,21 @@ def load_rank_weights(
         raise CheckpointError(
             f"checkpoint has no tensor for {len(missing)} parameter(s), e.g. {missing[:3]}"
         )
+
+
+def _load_pieces(param, pieces, reader: CheckpointReader, missing: list[str]) -> None:
+    """A fused parameter: its checkpoint slices, concatenated along dim 0 in order (this rank's
+    q, k, v; gate then up)."""
+    absent = [name for name, _ in pieces if name not in reader]
+    if absent:
+        missing.extend(absent)
+        return
+    with torch.no_grad():
+        offset = 0
+        for name, shard in pieces:
+            t = reader.read(name, shard).to(param.dtype)
+            param[offset : offset + t.shape[0]].copy_(t)
+            offset += t.shape[0]
 
 
 def _source_name(name, module, reader, tied_source):

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from tfbackend.replace.plan import ReplacementPlan
+from tfbackend.plan import ReplacementPlan
 
 
 @dataclass

@@ -1,31 +1,23 @@
 """plan → wrapped model: the only code that touches modules.
 
-`apply` takes a transformers causal LM built on the meta device and, for one rank, installs the
-parallel layers the plan lists (with this rank's shard shapes), trims the modules other pipeline
-stages own, and sets the attention modules' head counts to their local shard. Attention itself
-stays the HF module.
+`apply` takes a transformers causal LM built on the meta device and, for one rank, builds every
+entry of the plan with the builder its target names (`builders.BUILDERS`), shards the attention
+modules' own parameters (learned sinks) as the plan says, sets their head counts to this rank's,
+and trims the modules other pipeline stages own. Attention itself stays the HF module. An entry
+without a builder raises `NotBuildable`: nothing the plan lists is skipped.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 from torch import nn
 
+from tfbackend.plan import K_EMBEDDING, PlanEntry, ReplacementPlan
 from tfbackend.replace import layers as L
-from tfbackend.replace.plan import (
-    K_EMBEDDING,
-    K_EXPERTS,
-    K_LINEAR,
-    K_LM_HEAD,
-    K_NORM,
-    AttentionSpec,
-    PlanEntry,
-    ReplacementPlan,
-)
+from tfbackend.replace.builders import Kept, NotBuildable, Site, build, install, module_name
 
-_KV_PROJ = re.compile(r"\.(k_proj|v_proj|key|value|k|v)$")
+__all__ = ["Applied", "NotBuildable", "apply", "base_prefix", "module_name"]
 
 
 @dataclass
@@ -35,19 +27,12 @@ class Applied:
     stage: int
     entries: dict[str, PlanEntry] = field(default_factory=dict)  # module name → plan entry
     installed: dict[str, str] = field(default_factory=dict)  # module name → layer class
+    kept: dict[str, str] = field(default_factory=dict)  # module name → why nothing was installed
 
 
 def base_prefix(model: nn.Module) -> str:
     prefix = getattr(model, "base_model_prefix", "") or "model"
     return prefix if hasattr(model, prefix) else "model"
-
-
-def module_name(plan_qualname: str, prefix: str) -> str:
-    """Plan names are vLLM's (`model.` + base-model path); the causal LM's base may be named
-    otherwise (`transformer.`)."""
-    if plan_qualname.startswith("model."):
-        return f"{prefix}.{plan_qualname.removeprefix('model.')}"
-    return plan_qualname
 
 
 def apply(
@@ -57,90 +42,49 @@ def apply(
     prefix = base_prefix(model)
     applied = Applied(stage=stage)
     dtype = next(model.parameters()).dtype
-    attn_by_layer = {a.layer_idx: a for a in plan.attention}
+    attention = {a.layer_idx: a for a in plan.attention}
     for entry in plan.entries:
         if entry.stage is not None and entry.stage != stage and entry.kind != K_EMBEDDING:
             continue
         name = module_name(entry.qualname, prefix)
-        try:
-            old = model.get_submodule(name)
-        except AttributeError:
-            continue
-        new = _build(entry, old, name, ctx, attn_by_layer, dtype)
-        if new is None:
-            continue
-        model.set_submodule(name, new)
+        made = build(Site(entry, name, model, ctx, dtype, plan, prefix, attention))
         applied.entries[name] = entry
-        applied.installed[name] = type(new).__name__
+        if isinstance(made, Kept):
+            applied.kept[name] = made.reason
+            continue
+        install(model, name, made)
+        applied.installed[name] = type(made).__name__
+    _shard_attention_params(model, plan, ctx, prefix, dtype)
     _set_local_heads(model, plan, ctx)
     if plan.pp > 1:
         _trim_to_stage(model, plan, stage, prefix)
     return applied
 
 
-def _kv_shard(entry: PlanEntry, attn: AttentionSpec | None, ctx: L.ParallelContext):
-    """kv heads fewer than tp: each rank holds whole kv heads, replicated across rank groups."""
-    if attn is None or not attn.kv_replicated or not _KV_PROJ.search(entry.qualname):
-        return None
-    per_group = ctx.world // attn.num_kv_heads
-    return (ctx.rank // per_group) * attn.head_size, attn.head_size
+def _shard_attention_params(model, plan: ReplacementPlan, ctx, prefix: str, dtype) -> None:
+    """The attention module's own parameters the plan splits (vLLM 0.32 re-creates learned
+    sinks per rank, one per local head): this rank's rows, read by the loader via `shards`."""
+    import torch
 
-
-def _build(entry, old, name, ctx, attn_by_layer, dtype):
-    kw = {"dtype": dtype, "device": "meta"}
-    if entry.kind == K_LINEAR:
-        bias = getattr(old, "bias", None) is not None
-        if entry.target == "ColumnParallelLinear":
-            idx = _layer_index(name)
-            kv = _kv_shard(entry, attn_by_layer.get(idx), ctx)
-            start, size = kv if kv else ctx.split(old.out_features)
-            return L.ColumnParallelLinear(
-                old.in_features, old.out_features, bias, ctx, start=start, size=size,
-                gather_output=bool(entry.extra.get("gather_output")), **kw,
-            )  # fmt: skip
-        if entry.target == "RowParallelLinear":
-            return L.RowParallelLinear(
-                old.in_features, old.out_features, bias, ctx,
-                input_is_parallel=entry.extra.get("input_is_parallel", True), **kw,
-            )  # fmt: skip
-        return L.ReplicatedLinear(old.in_features, old.out_features, bias, **kw)
-    if entry.kind == K_EMBEDDING:
-        if name.endswith("embed_tokens") or entry.extra.get("vocab_size"):
-            scale = getattr(old, "scalar_embed_scale", None) or entry.extra.get("embed_scale")
-            if scale is None and entry.extra.get("has_embed_scale"):
-                raise ValueError(f"{name} scales its output but the scale is unknown")
-            return L.VocabParallelEmbedding(
-                old.num_embeddings, entry.extra["padded_vocab"], old.embedding_dim, ctx,
-                embed_scale=scale, **kw,
-            )  # fmt: skip
-    if entry.kind == K_LM_HEAD:
-        return L.ParallelLMHead(
-            old.out_features, entry.extra["padded_vocab"], old.in_features, ctx, **kw
-        )
-    if entry.kind == K_NORM:
-        weight = getattr(old, "weight", None)
-        if weight is None or weight.dim() != 1:
-            return None  # weightless norms stay HF code
-        eps = entry.extra.get("eps") or getattr(old, "eps", None) or old.variance_epsilon
-        cls = L.OffsetRMSNorm if entry.target == "GemmaRMSNorm" else L.RMSNorm
-        return cls(weight.shape[0], float(eps), **kw)
-    if entry.kind == K_EXPERTS:
-        return _build_experts(entry, old, ctx, kw)
-    return None
-
-
-def _build_experts(entry, old, ctx, kw):
-    params = {p.name: p.full_shape for p in entry.params}
-    experts, two_inter, hidden = params["w13_weight"]
-    return L.FusedMoE(
-        experts, hidden, two_inter // 2, ctx, act_fn=getattr(old, "act_fn", None),
-        reduce_results=entry.extra.get("reduce_results", True), **kw,
-    )  # fmt: skip
-
-
-def _layer_index(name: str) -> int | None:
-    m = re.search(r"\.(\d+)\.", name)
-    return int(m.group(1)) if m else None
+    for spec in plan.attention:
+        split = [p for p in spec.params if p.shard_dim is not None]
+        if not split or not spec.qualname:
+            continue
+        attn = model.get_submodule(module_name(spec.qualname, prefix))
+        shards = dict(getattr(attn, "shards", {}))
+        for p in split:
+            size = p.rank_shape[p.shard_dim]
+            shape = list(p.rank_shape)
+            old = getattr(attn, p.name)
+            setattr(
+                attn,
+                p.name,
+                nn.Parameter(
+                    torch.empty(shape, dtype=old.dtype, device="meta"), requires_grad=False
+                ),
+            )
+            shards[p.name] = L.Shard(p.shard_dim, ctx.rank * size, size)
+        attn.shards = shards
 
 
 _HEAD_ATTRS = ("num_heads", "num_attention_heads")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from tfbackend.replace.plan import ReplacementPlan
+from tfbackend.plan import ReplacementPlan
 
 _INDEX = re.compile(r"\.\d+(?=\.|$)")
 
@@ -28,6 +28,7 @@ class PlanGroup:
     rank_shape: list[int] | None
     sources: list[str] = field(default_factory=list)  # source patterns when fused
     stages: list[int] = field(default_factory=list)
+    fallback: str | None = None  # a Fallback the backend takes silently (the reason says which)
 
 
 def group_entries(plan: ReplacementPlan) -> list[PlanGroup]:
@@ -61,6 +62,7 @@ def group_entries(plan: ReplacementPlan) -> list[PlanGroup]:
                 sources=list(dict.fromkeys(pattern_of(s) for s in e.sources))
                 if len(e.sources) > 1
                 else [],
+                fallback=e.extra.get("fallback"),
             )
         g.count += 1
         if e.stage is not None and e.stage not in g.stages:

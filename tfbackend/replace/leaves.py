@@ -10,10 +10,10 @@ fused or recursed into, so the children of a swapped module (Inkling's
 
 from __future__ import annotations
 
-from tfbackend.inspect.facts import CONV, LINEAR, ModelFacts, ModuleFact
-from tfbackend.inspect.walk import LAYERNORM
-from tfbackend.replace.plan import K_CONV, K_EMBEDDING, K_UNCHANGED, PlanEntry, ReplacementPlan
-from tfbackend.replace.profiles import Profile
+from tfbackend.inspect.facts import CONV, LAYERNORM, LINEAR, ModelFacts, ModuleFact
+from tfbackend.plan import K_CONV, K_EMBEDDING, K_UNCHANGED, PlanEntry, ReplacementPlan
+from tfbackend.plan.shards import replicated_shards
+from tfbackend.replace.profiles import Capability, Profile
 
 
 def conv_target(m: ModuleFact) -> str | None:
@@ -26,7 +26,6 @@ def conv_target(m: ModuleFact) -> str | None:
 def plan_convs(facts: ModelFacts, plan: ReplacementPlan, profile: Profile, stage_of) -> None:
     if not profile.replaces_conv:
         return
-    from tfbackend.replace.planner import replicated_shards
 
     for m in facts.modules:
         if m.kind != CONV:
@@ -66,9 +65,8 @@ def _swapped_ancestor(qualname: str, swapped: dict[str, str]) -> str | None:
 
 def leave_unvisited(facts: ModelFacts, plan: ReplacementPlan, profile: Profile) -> None:
     """Entries planned inside a module the walk swaps whole: vLLM never reaches them."""
-    if not profile.fuses:
-        return  # read from 0.32's _recursive_replace; earlier backends are not confirmed
-    from tfbackend.replace.planner import replicated_shards
+    if not profile.can(Capability.SWAPS_LEAVES_WHOLE):
+        return
 
     swapped = _swapped_whole(facts, plan)
     for i, e in enumerate(plan.entries):

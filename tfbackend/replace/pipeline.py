@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from tfbackend.replace.plan import StageSpec
+from tfbackend.plan import StageSpec
 
 
 def get_pp_indices(num_layers: int, rank: int, pp: int) -> tuple[int, int]:

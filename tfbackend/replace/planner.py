@@ -8,61 +8,44 @@ what it decided and why. Fallbacks the backend takes silently are written into `
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 
+from tfbackend.fusers import AttentionFuser, RMSNormFuser
 from tfbackend.inspect.facts import (
     ATTENTION,
     CONV1D,
     EMBEDDING,
     EXPERTS,
+    LAYERNORM,
     LINEAR,
     NORM,
     NORM_GATED,
-    NORM_NO_WEIGHT,
-    NORM_OFFSET,
-    NORM_PLAIN,
     ModelFacts,
     ModuleFact,
 )
-from tfbackend.inspect.walk import LAYERNORM
-from tfbackend.replace.attention import layer_heads, own_params
-from tfbackend.replace.leaves import leave_unvisited, plan_convs
-from tfbackend.replace.pipeline import stage_layout
-from tfbackend.replace.plan import (
+from tfbackend.plan import (
     K_EMBEDDING,
-    K_EXPERTS,
     K_LAYERNORM,
     K_LINEAR,
     K_LM_HEAD,
     K_NORM,
     K_UNCHANGED,
     AttentionSpec,
-    MoESpec,
+    Fallback,
+    NoteCode,
     ParamShard,
     PlanEntry,
+    PlanNote,
     ReplacementPlan,
 )
-from tfbackend.replace.profiles import Profile
+from tfbackend.plan.attention import layer_heads, own_params
+from tfbackend.plan.experts import plan_experts
+from tfbackend.plan.shards import SHARDERS, pad_vocab, replicated_shards, split
+from tfbackend.replace.fusing import fuse
+from tfbackend.replace.leaves import leave_unvisited, plan_convs
+from tfbackend.replace.pipeline import stage_layout
+from tfbackend.replace.profiles import Capability, Profile
 
 _LAYER_INDEX = re.compile(r"^model\.(?P<list>.+?)\.(?P<idx>\d+)(\.|$)")
-
-# A fusion step (vLLM ≥ 0.32 fuses before per-linear replacement). It returns the entries it
-# made; the linears they cover are skipped by `_plan_linears`.
-FusionStep = Callable[[ModelFacts, ReplacementPlan, Profile, Callable[[str], int | None]], list]
-FUSION_STEPS: list[FusionStep] = []
-# Steps run once every module is planned, returning entries that name planned modules again under
-# a second path (vLLM ≥ 0.32's MoE runner reaches the shared expert it wraps as its own child).
-ALIAS_STEPS: list[Callable[[ModelFacts, ReplacementPlan], list]] = []
-
-
-def pad_vocab(vocab: int, pad_to: int = 64) -> int:
-    return ((vocab + pad_to - 1) // pad_to) * pad_to
-
-
-def split(size: int, tp: int) -> int:
-    """Per-rank size of a dimension split over tp ranks (floor when it does not divide: the
-    divisibility rules report it)."""
-    return size // tp if tp else size
 
 
 def match_tp_plan(tp_plan: dict[str, str], qualname: str) -> tuple[str | None, str | None]:
@@ -71,32 +54,6 @@ def match_tp_plan(tp_plan: dict[str, str], qualname: str) -> tuple[str | None, s
         if re.match(f"model.{key}", qualname):
             return key, style
     return None, None
-
-
-def column_shards(fact: ModuleFact, tp: int) -> list[ParamShard]:
-    out, inp = fact.attrs["out_features"], fact.attrs["in_features"]
-    shards = [ParamShard("weight", [out, inp], [split(out, tp), inp], 0)]
-    if fact.attrs.get("bias"):
-        shards.append(ParamShard("bias", [out], [split(out, tp)], 0))
-    return shards
-
-
-def row_shards(fact: ModuleFact, tp: int) -> list[ParamShard]:
-    out, inp = fact.attrs["out_features"], fact.attrs["in_features"]
-    shards = [ParamShard("weight", [out, inp], [out, split(inp, tp)], 1)]
-    if fact.attrs.get("bias"):
-        shards.append(ParamShard("bias", [out], [out], None))
-    return shards
-
-
-def replicated_shards(fact: ModuleFact) -> list[ParamShard]:
-    return [ParamShard(n, list(s), list(s), None) for n, s in fact.params.items()]
-
-
-SHARDERS = {
-    "ColumnParallelLinear": column_shards,
-    "RowParallelLinear": row_shards,
-}
 
 
 class _Stages:
@@ -129,21 +86,20 @@ def build_plan(facts: ModelFacts, *, tp: int = 1, pp: int = 1, profile: Profile)
     _plan_stages(facts, plan, profile)
     stage_of = _Stages(plan)
     fused: set[str] = set()
-    if profile.fuses:
-        for step in FUSION_STEPS:
-            for entry in step(facts, plan, profile, stage_of):
-                plan.entries.append(entry)
-                fused.update(entry.sources)
-    _plan_experts(facts, plan, profile, stage_of, fused)
+    for entry in fuse(facts, plan, profile, stage_of):  # the linears they cover are taken
+        plan.entries.append(entry)
+        fused.update(entry.sources)
+    plan_experts(facts, plan, profile, stage_of, fused)
     _plan_linears(facts, plan, profile, stage_of, fused)
     _plan_embeddings(facts, plan, profile, stage_of)
     _plan_norms(facts, plan, profile, stage_of, fused)
     plan_convs(facts, plan, profile, stage_of)
     leave_unvisited(facts, plan, profile)
     _plan_attention(facts, plan, profile)
-    _mla.mla_attention(facts, plan, profile)
-    for alias_step in ALIAS_STEPS:
-        plan.entries.extend(alias_step(facts, plan))
+    for fuser in profile.fusers:
+        fuser.adjust_attention(facts, plan)
+    for fuser in profile.fusers:
+        plan.entries.extend(fuser.aliases(facts, plan))
     return plan
 
 
@@ -155,15 +111,28 @@ def _plan_stages(facts: ModelFacts, plan: ReplacementPlan, profile: Profile) -> 
     lists = list(facts.pp_module_lists)
     if not names:
         if profile.pp_without_plan != "infer":
-            plan.notes.append("no pp_plan: this vLLM refuses pipeline parallel for the model")
+            plan.notes.append(
+                PlanNote(
+                    NoteCode.NO_PP_PLAN,
+                    "no pp_plan: this vLLM refuses pipeline parallel for the model",
+                )
+            )
             return
         names, lists = _inferred_pp_names(facts)
         plan.notes.append(
-            "no pp_plan: vLLM infers the split from the decoder's children in declaration order"
+            PlanNote(
+                NoteCode.PP_INFERRED,
+                "no pp_plan: vLLM infers the split from the decoder's children in declaration "
+                "order",
+            )
         )
     if len(lists) != 1:
         plan.notes.append(
-            f"pipeline split impossible: {len(lists)} ModuleLists among the pp modules ({lists})"
+            PlanNote(
+                NoteCode.PP_SPLIT_IMPOSSIBLE,
+                f"pipeline split impossible: {len(lists)} ModuleLists among the pp modules "
+                f"({lists})",
+            )
         )
         return
     plan.layers_module = lists[0]
@@ -225,17 +194,19 @@ def _plan_linears(facts, plan, profile: Profile, stage_of, fused: set[str]) -> N
         key, style = (None, None)
         if profile.honours_tp_plan:
             key, style = match_tp_plan(facts.tp_plan, m.qualname)
+        extra = {}
         if not profile.honours_tp_plan:
             target, reason = "ReplicatedLinear", f"{profile.name} replicates every linear"
         elif style is None:
             target, reason = "ReplicatedLinear", "no tp_plan key matches: replicated"
+            extra["fallback"] = Fallback.NO_TP_PLAN_KEY
         elif style in profile.linear_styles:
             target, reason = profile.linear_styles[style], f"tp_plan {style!r}"
         else:
             target = "ReplicatedLinear"
             reason = f"style {style!r} unknown to the backend: silently replicated"
+            extra["fallback"] = Fallback.UNKNOWN_STYLE
         sharder = SHARDERS.get(target) if plan.tp > 1 else None
-        extra = {}
         if style == "colwise_gather_output":
             extra["gather_output"] = True
         if style == "rowwise_split_input":
@@ -265,7 +236,7 @@ def _vocab_sizes(facts: ModelFacts) -> set[int]:
 def _embedding_target(m: ModuleFact, profile: Profile) -> str:
     # vLLM ≥ 0.32 (utils.replace_embedding_class) rebases an nn.Embedding subclass onto
     # VocabParallelEmbedding in place, so the module keeps its class name.
-    if profile.fuses and m.class_name != "Embedding":
+    if profile.can(Capability.REBASES_EMBEDDINGS) and m.class_name != "Embedding":
         return m.class_name
     return "VocabParallelEmbedding"
 
@@ -341,7 +312,8 @@ def _plan_embeddings(facts, plan, profile: Profile, stage_of) -> None:
 
 def norm_target(m: ModuleFact, profile: Profile) -> tuple[str | None, str]:
     """What the profile's backend turns this norm into, and why (None: left as HF code)."""
-    variant = m.attrs.get("variant")
+    if (norms := profile.fuser(RMSNormFuser)) is not None:
+        return norms.target(m)  # "structural": decided from what the norm computes
     if profile.norm_detection == "class_name":
         if not m.attrs.get("rms_named"):
             return None, "not named *RMSNorm"
@@ -352,14 +324,7 @@ def norm_target(m: ModuleFact, profile: Profile) -> tuple[str | None, str]:
         if m.attrs.get("zero_init"):
             return "GemmaRMSNorm", "named *RMSNorm, weight initialised to zeros"
         return "RMSNorm", "named *RMSNorm"
-    # structural: decided from what the norm computes
-    if variant == NORM_OFFSET:
-        return "GemmaRMSNorm", "computes x̂·(1+w)"
-    if variant in (NORM_PLAIN, NORM_NO_WEIGHT) and m.attrs.get("is_rms", True):
-        return "RMSNorm", "computes x̂·w" if variant == NORM_PLAIN else "computes x̂"
-    if variant == NORM_GATED:
-        return None, "gated norm forward(x, gate): left as HF code"
-    return None, "did not match the RMSNorm dataflow: left as HF code"
+    return None, f"norm detection {profile.norm_detection!r} needs the RMSNorm fuser"
 
 
 def _plan_norms(facts, plan, profile: Profile, stage_of, fused: set[str]) -> None:
@@ -377,9 +342,6 @@ def _plan_norms(facts, plan, profile: Profile, stage_of, fused: set[str]) -> Non
                 continue
         elif m.kind == NORM:
             target, reason = norm_target(m, profile)
-            if target and profile.fuses:
-                # RMSNormFuser builds the TP-aware subclasses (fusers/rms_norm.py)
-                target = f"TPAware{target}"
             kind = K_NORM
             if target is None:
                 if m.attrs.get("rms_named") or m.attrs.get("variant") == NORM_GATED:
@@ -403,76 +365,10 @@ def _plan_norms(facts, plan, profile: Profile, stage_of, fused: set[str]) -> Non
         )
 
 
-def moe_activation(facts: ModelFacts) -> str:
-    arch = (facts.causal_lm_class or facts.model_class).lower()
-    if "gptoss" in arch:
-        return "swigluoai"
-    if "grok1" in arch:
-        return "gelu"
-    return "silu"
-
-
-def _plan_experts(facts, plan, profile: Profile, stage_of, fused: set[str]) -> None:
-    cfg = facts.config
-    moe = cfg.moe
-    hidden = cfg.hidden_size
-    inter = moe.intermediate_size
-    for m in facts.modules:
-        if m.kind != EXPERTS or m.qualname in fused:
-            continue
-        layout = m.attrs["layout"]
-        if layout not in profile.moe_layouts:
-            continue
-        experts = moe.num_experts or m.attrs.get("count")
-        per_rank = split(inter, plan.tp) if inter else None
-        params = []
-        if experts and inter and hidden:
-            params = [
-                ParamShard(
-                    "w13_weight", [experts, 2 * inter, hidden], [experts, 2 * per_rank, hidden], 1
-                ),
-                ParamShard("w2_weight", [experts, hidden, inter], [experts, hidden, per_rank], 2),
-            ]
-        stage = stage_of(m.qualname)
-        plan.entries.append(
-            PlanEntry(
-                qualname=m.qualname,
-                sources=[m.qualname],
-                source_class=m.class_name,
-                kind=K_EXPERTS,
-                target="FusedMoE",
-                reason=f"experts ({layout}) fused, split on the intermediate dimension",
-                params=params,
-                stage=stage,
-            )
-        )
-        plan.moe.append(moe_spec(facts, m, plan, stage))
-
-
-def moe_spec(facts: ModelFacts, m: ModuleFact, plan: ReplacementPlan, stage) -> MoESpec:
-    cfg, moe = facts.config, facts.config.moe
-    inter = moe.intermediate_size
-    parent = m.qualname.rsplit(".", 1)[0]
-    shared = moe.num_shared_experts > 0 or any(
-        "shared_expert" in x.qualname and x.qualname.startswith(parent + ".") for x in facts.modules
-    )
-    return MoESpec(
-        qualname=m.qualname,
-        layout=m.attrs["layout"],
-        num_experts=moe.num_experts or m.attrs.get("count"),
-        top_k=moe.top_k,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=inter,
-        intermediate_per_rank=split(inter, plan.tp) if inter else None,
-        activation=moe_activation(facts),
-        renormalize=moe.renormalize,
-        num_shared_experts=moe.num_shared_experts,
-        reduce_results=not shared,
-        has_bias=bool(m.attrs.get("has_bias")),
-        n_group=moe.n_group,
-        topk_group=moe.topk_group,
-        stage=stage,
-    )
+def _attention_params(m: ModuleFact, tp: int, profile: Profile):
+    if (fuser := profile.fuser(AttentionFuser)) is not None:
+        return fuser.params(m, tp)  # sinks re-created per rank
+    return own_params(m, tp, shards_sinks=False)
 
 
 def _plan_attention(facts: ModelFacts, plan: ReplacementPlan, profile: Profile) -> None:
@@ -513,11 +409,6 @@ def _plan_attention(facts: ModelFacts, plan: ReplacementPlan, profile: Profile) 
                 scaling=m.attrs.get("scaling") if m else None,
                 sinks=bool(m and m.attrs.get("s_aux")),
                 stage=stage,
-                params=own_params(m, tp, shards_sinks=profile.fuses) if m else [],
+                params=_attention_params(m, tp, profile) if m else [],
             )
         )
-
-
-# The fuser-era steps register themselves into FUSION_STEPS (and ALIAS_STEPS).
-from tfbackend.replace import fusion as _fusion  # noqa: E402,F401
-from tfbackend.replace import mla as _mla  # noqa: E402

@@ -17,8 +17,22 @@ Version ranges, and how sure they are:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 
 from packaging.version import Version
+
+from tfbackend.fusers import (
+    AttentionFuser,
+    Fuser,
+    GLUFuser,
+    MergedColumnParallelFuser,
+    MLAFuser,
+    MoEBlockFuser,
+    PackedQKVFuser,
+    QKVFuser,
+    RMSNormFuser,
+)
+from tfbackend.inspect.vllm_config import VLLM_CONFIG_CLASSES
 
 # style → (vLLM class, what changes about the shard)
 SEED_STYLES: dict[str, str] = {
@@ -31,6 +45,23 @@ V032_STYLES: dict[str, str] = {
     "colwise_gather_output": "ColumnParallelLinear",
     "rowwise_split_input": "RowParallelLinear",
 }
+
+
+class Capability(str, Enum):
+    """What a backend does outside its fusers, named where code tests it."""
+
+    # utils.replace_embedding_class rebases an nn.Embedding subclass onto VocabParallelEmbedding
+    # in place, so the module keeps its class name (and its forward)
+    REBASES_EMBEDDINGS = "rebases_embeddings"
+    # _recursive_replace swaps a linear, conv, vocab embedding or LayerNorm whole, without
+    # visiting its children (read from 0.32; earlier backends are not confirmed)
+    SWAPS_LEAVES_WHOLE = "swaps_leaves_whole"
+    # `tfbackend convert` writes the per-rank files this vLLM's ShardedStateLoader reads
+    # (verified with its real loader)
+    SHARDED_STATE_CONVERT = "sharded_state_convert"
+
+    __str__ = str.__str__
+    __format__ = str.__format__
 
 
 @dataclass(frozen=True)
@@ -50,7 +81,10 @@ class Profile:
     vocab_embeddings: str = "input"  # "input" | "by_vocab_size"
     replaces_layernorm: bool = False
     replaces_conv: bool = False  # exact nn.Conv2d/nn.Conv3d → Conv2dLayer/Conv3dLayer
-    fuses: bool = False  # q/k/v, gate/up, ... fused (vLLM's fuser)
+    # vLLM's fusers, in its priority order (fuser.py FUSERS, then moe.py's): empty for the
+    # backends before them
+    fusers: tuple[Fuser, ...] = ()
+    capabilities: frozenset[Capability] = frozenset()
     vocab_padding: int = 64
     refused_quant: tuple[str, ...] = ("mxfp4",)
     plugin_quant: tuple[str, ...] = ()
@@ -79,6 +113,13 @@ class Profile:
     one_attention_per_layer: bool = False
     # model_type → the config class vLLM parses it with instead of transformers' own
     config_overrides: dict[str, str] = field(default_factory=dict)
+
+    def fuser(self, cls: type[Fuser]) -> Fuser | None:
+        """This profile's fuser of that class, if its vLLM has one."""
+        return next((f for f in self.fusers if isinstance(f, cls)), None)
+
+    def can(self, capability: Capability) -> bool:
+        return capability in self.capabilities
 
     def transformers_range(self) -> str:
         """The transformers this profile's vLLM runs with, as a requirement specifier."""
@@ -144,7 +185,23 @@ PROFILES: dict[str, Profile] = {
             vocab_embeddings="by_vocab_size",
             replaces_layernorm=True,
             replaces_conv=True,
-            fuses=True,
+            fusers=(
+                MLAFuser(),
+                GLUFuser(),
+                QKVFuser(),
+                PackedQKVFuser(),
+                MergedColumnParallelFuser(),
+                RMSNormFuser(),
+                AttentionFuser(),
+                MoEBlockFuser(),
+            ),
+            capabilities=frozenset(
+                {
+                    Capability.REBASES_EMBEDDINGS,
+                    Capability.SWAPS_LEAVES_WHOLE,
+                    Capability.SHARDED_STATE_CONVERT,
+                }
+            ),
             refused_quant=("mxfp4", "gpt_oss_mxfp4"),
             # Absent from 0.32's QUANTIZATION_METHODS: only an out-of-tree plugin
             # (register_quantization_config) can provide them.
@@ -158,21 +215,7 @@ PROFILES: dict[str, Profile] = {
             # position_ids); compilation/decorators.py raises for any the forward lacks.
             decoder_compile_args=("input_ids", "inputs_embeds", "position_ids"),
             one_attention_per_layer=True,
-            # vllm/transformers_utils/config.py: _CONFIG_REGISTRY, model types transformers also has
-            config_overrides={
-                "chatglm": "ChatGLMConfig",
-                "deepseek_v32": "DeepseekV3Config",
-                "deepseek_v4": "DeepseekV4Config",
-                "hy_v4": "HYV4Config",
-                "kimi_linear": "KimiLinearConfig",
-                "kimi_k2": "DeepseekV3Config",
-                "minimax_m3_vl": "MiniMaxM3Config",
-                "step3_text": "Step3TextConfig",
-                "step3_vl": "Step3VLConfig",
-                "ovis": "OvisConfig",
-                "inkling_mm_model": "InklingMMConfig",
-                "inkling_model": "InklingModelConfig",
-            },
+            config_overrides=VLLM_CONFIG_CLASSES,
         ),
     )
 }

@@ -8,8 +8,9 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from tfbackend.report.findings import Severity, Verdict
+from tfbackend.plan import K_UNCHANGED
 from tfbackend.report.model import CheckReport
+from tfbackend.rules.findings import Severity, Verdict
 
 VERDICT_STYLE = {
     Verdict.PASS: "bold green",
@@ -138,7 +139,7 @@ def plan_lines(report: CheckReport) -> Group:
             why = f"fuses {', '.join(s.rsplit('.', 1)[-1] for s in g.sources)}; {why}"
         if g.stages and report.pp > 1:
             why = f"{why}; stage {', '.join(str(s) for s in sorted(g.stages))}"
-        warn = "silently" in g.reason or "no tp_plan key" in g.reason or g.kind == "unchanged"
+        warn = g.fallback is not None or g.kind == K_UNCHANGED
         lines.append(head)
         lines.append(Text(f"    {why}", style="yellow" if warn else "dim"))
     return Group(*lines)

@@ -4,6 +4,7 @@ and what was written (or why nothing was)."""
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import (
@@ -16,14 +17,17 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from tfbackend.convert.pipeline import ConvertResult
-from tfbackend.convert.pipeline import Progress as ConvertProgress
 from tfbackend.report.console import findings_table
-from tfbackend.report.findings import Severity
-from tfbackend.report.units import size
+from tfbackend.rules.findings import Severity
+from tfbackend.units import size
+
+if TYPE_CHECKING:  # renderers read the result; they never import the pipeline
+    from tfbackend.convert.pipeline import ConvertResult
 
 
-class _Bar(ConvertProgress):
+class _Bar:
+    """The pipeline's `Progress`, drawn (it calls phase, start_writing, advance)."""
+
     def __init__(self, console: Console):
         self.console = console
         self.bar: Progress | None = None

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tfbackend.convert.pipeline import ConvertResult
+if TYPE_CHECKING:  # renderers read the result; they never import the pipeline
+    from tfbackend.convert.pipeline import ConvertResult
 
 
 def convert_json(result: ConvertResult) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from tfbackend.report.console import SEVERITY_STYLE, VERDICT_STYLE, print_whole
-from tfbackend.report.findings import Severity
+from tfbackend.rules.findings import Severity
 
 STATUS_STYLE = {
     "met": "green",

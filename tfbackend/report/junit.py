@@ -23,7 +23,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 
-from tfbackend.report.findings import Finding, Severity, Verdict
+from tfbackend.rules.findings import Finding, Severity, Verdict
 
 
 def check_junit(report, name: str | None = None) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import html
 
-from tfbackend.report.findings import Finding, Severity, Verdict
+from tfbackend.rules.findings import Finding, Severity, Verdict
 
 ICON = {Verdict.PASS: "✅", Verdict.PASS_WITH_WARNINGS: "⚠️", Verdict.FAIL: "❌"}
 SEVERITY_ICON = {Severity.ERROR: "❌ error", Severity.WARNING: "⚠️ warning", Severity.INFO: "ℹ️ info"}

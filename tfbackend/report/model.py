@@ -6,9 +6,9 @@ from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any
 
 from tfbackend import __version__
+from tfbackend.plan import ReplacementPlan
 from tfbackend.replace.grouping import PlanGroup
-from tfbackend.replace.plan import ReplacementPlan
-from tfbackend.report.findings import Finding, Verdict
+from tfbackend.rules.findings import Finding, Verdict
 
 REPORT_SCHEMA_VERSION = "1.1"
 

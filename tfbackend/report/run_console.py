@@ -4,22 +4,25 @@ from __future__ import annotations
 
 import contextlib
 import time
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from tfbackend.parity.runner import PHASES, RunReport
 from tfbackend.report.console import make_console, print_whole
-from tfbackend.report.units import gib
+from tfbackend.units import gib
+
+if TYPE_CHECKING:  # renderers read the run's result; they never import the runner
+    from tfbackend.parity.runner import RunReport
 
 _MARK = {"running": "[yellow]…[/]", "done": "[green]✓[/]", "pending": "[dim]·[/]"}
 
 
 class _PhaseBoard:
-    def __init__(self):
-        self.state = {p: ("pending", "") for p in PHASES}
+    def __init__(self, phases: tuple[str, ...]):
+        self.state = {p: ("pending", "") for p in phases}
         self.started: dict[str, float] = {}
 
     def update(self, phase: str, status: str, detail: str = "") -> None:
@@ -35,10 +38,11 @@ class _PhaseBoard:
 
 
 @contextlib.contextmanager
-def live_progress():
-    """A progress callback drawing on stderr (a plain log when stderr is not a terminal)."""
+def live_progress(phases: tuple[str, ...]):
+    """A progress callback drawing the run's `phases` on stderr (a plain log when stderr is not
+    a terminal)."""
     console = Console(stderr=True)
-    board = _PhaseBoard()
+    board = _PhaseBoard(phases)
     if not console.is_terminal:
 
         def log(phase: str, status: str, detail: str = "") -> None:

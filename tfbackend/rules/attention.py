@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from tfbackend.report.findings import Severity
+from tfbackend.fusers import MLAFuser
+from tfbackend.rules.findings import Severity
 from tfbackend.rules.registry import rule
 
 
@@ -164,7 +165,7 @@ def mla(ctx, r):
     nope = cfg.raw.get("qk_nope_head_dim")
     rope = cfg.raw.get("qk_rope_head_dim")
     dims = f" (qk_nope {nope} + qk_rope {rope})" if nope is not None and rope is not None else ""
-    if ctx.profile.fuses:
+    if ctx.profile.fuser(MLAFuser) is not None:
         yield from _mla_on_fuser_era(ctx, r, f"MLA with kv_lora_rank={cfg.kv_lora_rank}{dims}")
     else:
         yield r.finding(
@@ -249,4 +250,123 @@ def one_attention_per_layer(ctx, r):
             f"(layer {i}: {' and '.join(names[:2])}): vLLM raises while building",
             modules=[q for names in shared.values() for q in names][:16],
             layers=list(shared)[:32],
+        )
+
+
+def _served_attention(ctx, key: str):
+    """Attention facts of the layers vLLM serves through its interface whose `key` attr is set."""
+    return [
+        m
+        for m in ctx.facts.modules
+        if m.kind == "attention" and m.attrs.get("interface") and m.attrs.get(key)
+    ]
+
+
+@rule(
+    "TFB410",
+    "Attention mask computed by the module: vLLM drops it",
+    Severity.ERROR,
+    rationale="""
+vLLM's `vllm_attention_forward` (models/transformers/__init__.py, 0.32) takes the
+`attention_mask` argument and never reads it: vLLM's own kernels apply the causal mask (and the
+sliding window the config declares), nothing else. A module that hands the interface a mask it
+computed itself (Doge's dynamic mask from `dt_proj` and `A`, an additive bias) is served
+without it, on every platform: the logits differ from the first layer on (Doge at tp 1 and 2
+in reports/parity.md). A mask read from what the model passed down (`attention_mask`, sliced
+or looked up) is the causal mask vLLM reproduces and is fine.
+""",
+    fix="serve with vLLM's native implementation of the architecture; the backend has no way to "
+    "pass a per-module mask or bias to vLLM's attention",
+)
+def module_mask(ctx, r):
+    mods = _served_attention(ctx, "own_mask")
+    if mods:
+        classes = sorted({m.class_name for m in mods})
+        masks = sorted({m.attrs["own_mask"] for m in mods})
+        yield r.finding(
+            f"{len(mods)} attention module(s) ({', '.join(classes)}) pass a mask they compute "
+            f"({', '.join(masks)}) to the attention interface: vLLM's attention ignores the "
+            "mask argument, so that mask or bias is never applied",
+            modules=[m.qualname for m in mods][:16],
+            masks=masks,
+        )
+
+
+@rule(
+    "TFB411",
+    "A sliding window vLLM applies and the model does not",
+    Severity.ERROR,
+    rationale="""
+Without `layer_types` (or with every layer sliding), vLLM 0.32 puts `config.sliding_window` in
+its CacheConfig (engine/arg_utils.py) and every Attention layer attends to that many tokens
+only. Whether the model itself slides is its code's choice: a model that builds only
+`create_causal_mask` and passes no `sliding_window=` to the attention interface (Moshi) attends
+to the whole context in transformers. Past the window the two differ (Moshi's tiny model, window
+8, diverged from position 8 on in reports/parity.md). While the window covers the whole context
+(`sliding_window >= max_position_embeddings`, as Moshi's released checkpoints set it) nothing
+differs.
+""",
+    fix="set sliding_window to null in config.json (or serve with --max-model-len at most the "
+    "window); vLLM then attends to the whole context as the model does",
+)
+def unapplied_sliding_window(ctx, r):
+    cfg, facts = ctx.facts.config, ctx.facts
+    window = cfg.sliding_window
+    types = cfg.layer_types
+    if not window or (types and not all(t == "sliding_attention" for t in types)):
+        return
+    served = [m for m in facts.modules if m.kind == "attention" and m.attrs.get("interface")]
+    if not served or any("sliding_window" in m.attrs.get("interface_keywords", []) for m in served):
+        return
+    if facts.builds_sliding_mask is None:
+        yield r.finding(
+            f"vLLM applies sliding_window={window} to every layer; the model's source could not "
+            "be read to tell whether it slides too",
+            severity=Severity.WARNING,
+        )
+        return
+    if facts.builds_sliding_mask:
+        return
+    context = cfg.max_position_embeddings
+    if context is not None and window >= context:
+        yield r.finding(
+            f"vLLM applies sliding_window={window} to every layer, which the model's code never "
+            f"does; the window covers max_position_embeddings={context}, so nothing differs",
+            severity=Severity.INFO,
+        )
+        return
+    yield r.finding(
+        f"vLLM applies sliding_window={window} to every layer (no layer_types), but "
+        f"{facts.model_class} never slides (no sliding-window mask, no sliding_window= to the "
+        f"attention interface): logits differ past {window} tokens",
+        window=window,
+    )
+
+
+@rule(
+    "TFB412",
+    "Key/value heads widened before the attention interface",
+    Severity.ERROR,
+    rationale="""
+vLLM sizes each Attention layer for the config's `num_key_value_heads` (per rank) and reads the
+key and value it is handed as `[tokens, kv_heads, head_size]`. A forward that repeats or expands
+key/value before the interface call (JetMoE's mixture-of-attention: `key_states.repeat(1,
+top_k, 1, 1)`) hands it top_k times as many heads: vLLM reads them as that many times more
+tokens. vLLM 0.32's CPU build then writes past its KV cache and the rank dies of SIGSEGV
+(JetMoE at tp 1 and 2 in reports/parity.md); on GPU the cache receives the wrong rows and the
+logits are wrong.
+""",
+    fix="serve with vLLM's native implementation of the architecture",
+)
+def widened_kv(ctx, r):
+    mods = _served_attention(ctx, "kv_expanded")
+    if mods:
+        how = sorted({f for m in mods for f in m.attrs["kv_expanded"]})
+        classes = sorted({m.class_name for m in mods})
+        yield r.finding(
+            f"{len(mods)} attention module(s) ({', '.join(classes)}) widen key/value with "
+            f"{', '.join('.' + h + '()' for h in how)} before the attention interface: vLLM's "
+            f"Attention expects {ctx.facts.config.num_key_value_heads} kv heads and reads the "
+            "extra heads as extra tokens",
+            modules=[m.qualname for m in mods][:16],
         )

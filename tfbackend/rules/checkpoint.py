@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tfbackend.inspect.checkpoint import FORMAT_PICKLE, FORMAT_UNAVAILABLE
-from tfbackend.report.findings import Severity
+from tfbackend.rules.findings import Severity
 from tfbackend.rules.registry import rule
 
 SHOWN = 5  # names listed in a finding's message; the full list is in its data

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tfbackend.report.findings import Severity
+from tfbackend.rules.findings import Severity
 from tfbackend.rules.registry import rule
 
 

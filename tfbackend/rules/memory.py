@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from tfbackend.report.findings import Severity
-from tfbackend.report.units import gib
+from tfbackend.rules.findings import Severity
 from tfbackend.rules.registry import rule
+from tfbackend.units import gib
 
 
 def _ranks(st) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tfbackend.inspect.facts import EXPERTS
-from tfbackend.report.findings import Severity
+from tfbackend.rules.findings import Severity
 from tfbackend.rules.registry import rule
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tfbackend.inspect.facts import NORM, NORM_GATED, NORM_OFFSET, NORM_PLAIN
-from tfbackend.report.findings import Severity
+from tfbackend.rules.findings import Severity
 from tfbackend.rules.registry import rule
 
 _OFFSET_TARGETS = ("GemmaRMSNorm",)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from tfbackend.report.findings import Severity
+from tfbackend.plan import NoteCode
+from tfbackend.rules.findings import Severity
 from tfbackend.rules.registry import rule
 
 
@@ -44,9 +45,8 @@ supported"; with none, "Could not find ModuleList".
 def module_lists(ctx, r):
     if ctx.pp <= 1 or not ctx.profile.supports_pp:
         return
-    for note in ctx.plan.notes:
-        if note.startswith("pipeline split impossible"):
-            yield r.finding(note)
+    for note in ctx.plan.notes_of(NoteCode.PP_SPLIT_IMPOSSIBLE):
+        yield r.finding(note.text)
 
 
 @rule(

@@ -7,7 +7,7 @@ import functools
 import importlib.util
 from pathlib import Path
 
-from tfbackend.report.findings import Severity
+from tfbackend.rules.findings import Severity
 from tfbackend.rules.registry import rule
 
 # vLLM 0.32.0's QUANTIZATION_METHODS, for when vLLM is not installed to read it from.

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tfbackend.inspect.facts import ModelFacts
-from tfbackend.replace.plan import ReplacementPlan
+from tfbackend.plan import ReplacementPlan
 from tfbackend.replace.profiles import Profile
-from tfbackend.report.findings import Finding, Severity
+from tfbackend.rules.findings import Finding, Severity
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tfbackend.report.findings import Severity
+from tfbackend.rules.findings import Severity
 from tfbackend.rules.registry import rule
 
 
@@ -177,20 +177,33 @@ def text_config_missing(ctx, r):
     rationale="""
 vLLM serves no encoder–decoder models. In a text-only model, the backend treats the presence of
 ANY module with `is_causal = False` as the sign of an encoder model and gives every layer
-EncoderOnlyAttention (bidirectional, no KV cache). A causal LM with one such module (an encoder
-stack, a bidirectional block) would generate with attention that sees the future: wrong output.
+EncoderOnlyAttention (bidirectional, no KV cache). A causal LM with one such module among causal
+ones (an encoder stack, a bidirectional block) then attends to the future in its causal layers:
+wrong output. When every attention layer is non-causal the model is an encoder as transformers
+runs it too (BertGeneration without `is_decoder`): vLLM computes the same prompt logits
+(BertGeneration at tp 1 in reports/parity.md), but keeps no KV cache, so a decoding step sees
+only its own token where transformers re-reads the whole sequence.
 """,
-    fix="serve with vLLM's native implementation, or as a pooling/embedding model if it is one",
+    fix="serve with vLLM's native implementation, or as a pooling/embedding model if it is one; "
+    "for a BERT-style decoder set is_decoder=true in config.json",
 )
 def encoder_only(ctx, r):
     facts = ctx.facts
     if not facts.has_non_causal_module or facts.config.is_multimodal:
         return
-    non_causal = [
-        m.qualname
-        for m in facts.modules
-        if m.kind == "attention" and m.attrs.get("is_causal") is False
-    ]
+    attention = [m for m in facts.modules if m.kind == "attention"]
+    non_causal = [m.qualname for m in attention if m.attrs.get("is_causal") is False]
+    # the layers vLLM gives an Attention: those dispatching through the interface
+    served = [m for m in attention if m.attrs.get("interface")]
+    if served and all(m.attrs.get("is_causal") is False for m in served):
+        yield r.finding(
+            f"every attention layer of {facts.model_class} has is_causal=False: vLLM serves it "
+            "encoder-only as transformers computes it (same prompt logits), with no KV cache, "
+            "so tokens generated after the first are not transformers'",
+            severity=Severity.WARNING,
+            modules=non_causal[:16],
+        )
+        return
     yield r.finding(
         f"{facts.model_class} has modules with is_causal=False: every layer becomes "
         "EncoderOnlyAttention, so causal generation is wrong",
@@ -340,4 +353,44 @@ def mrope_text_only(ctx, r):
             f"{cfg.model_type} declares mrope_section {section} but is served as a text-only "
             'causal LM: vLLM raises "M-RoPE support is not implemented." in the first forward',
             mrope_section=section,
+        )
+
+
+@rule(
+    "TFB120",
+    "Tokens mixed outside attention: a convolution over the sequence",
+    Severity.ERROR,
+    rationale="""
+vLLM's Transformers backend calls the model once per step on every scheduled token of every
+request, flattened into one `[1, tokens]` sequence, with `use_cache=False` and no
+`past_key_values`: only attention learns where one request ends and the next begins (through
+vLLM's own metadata) and only attention keeps state between steps (its KV cache). A
+depthwise `nn.Conv1d` over the sequence (the short convolution of a Mamba/SSM mixer, Falcon-H1;
+Zaya's CCA query/key convolution) runs across request boundaries, and when decoding it sees one
+token with no conv or SSM state. Falcon-H1 and Zaya diverged from the second request of a batch
+on in reports/parity.md (single requests matched at prefill); this holds on every platform.
+""",
+    fix="serve with vLLM's native implementation of the architecture (it keeps conv/SSM state "
+    "per request)",
+)
+def sequence_convolution(ctx, r):
+    # the decoder layers vLLM gives an Attention (a multimodal encoder's convolutions run
+    # before the language model, on one request's features at a time)
+    layers = tuple(a.qualname.rpartition(".")[0] + "." for a in ctx.plan.attention if a.qualname)
+    convs = [
+        m
+        for m in ctx.facts.modules
+        if (c := m.attrs.get("conv1d"))
+        and c["depthwise"]
+        and c["kernel"] > 1
+        and layers
+        and m.qualname.startswith(layers)
+    ]
+    if convs:
+        classes = sorted({m.qualname.rsplit(".", 2)[-2] + " " + m.class_name for m in convs})
+        yield r.finding(
+            f"{len(convs)} depthwise Conv1d over the sequence ({', '.join(classes[:3])}): vLLM "
+            "runs a batch as one sequence with no conv/SSM state, so requests leak into each "
+            "other and decoding sees one token",
+            modules=[m.qualname for m in convs][:16],
         )

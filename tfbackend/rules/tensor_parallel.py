@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections import Counter
 from math import prod
 
-from tfbackend.replace.plan import K_EXPERTS, K_LINEAR
-from tfbackend.report.findings import Severity
-from tfbackend.report.units import size
+from tfbackend.plan import K_EXPERTS, K_LINEAR, Fallback
+from tfbackend.rules.findings import Severity
 from tfbackend.rules.registry import rule
+from tfbackend.units import size
 
 
 def _bytes_per_param(ctx) -> int:
@@ -55,15 +55,8 @@ def unknown_style(ctx, r):
     if ctx.tp <= 1:
         return
     by_style: dict[str, list] = {}
-    skip = _fuser_claimed(ctx)
     for e in ctx.plan.entries_of(K_LINEAR):
-        if skip(e.qualname):
-            continue
-        if (
-            e.tp_style
-            and e.tp_style not in ctx.profile.linear_styles
-            and ctx.profile.honours_tp_plan
-        ):
+        if e.extra.get("fallback") == Fallback.UNKNOWN_STYLE:
             by_style.setdefault(e.tp_style, []).append(e)
     bpp = _bytes_per_param(ctx)
     for style, entries in sorted(by_style.items()):
@@ -197,22 +190,6 @@ def vocab_divisible(ctx, r):
                 )
 
 
-def fusers_modelled() -> bool:
-    """Whether the planner models vLLM's fusers (fusion steps registered by tfbackend)."""
-    from tfbackend.replace.planner import FUSION_STEPS
-
-    return bool(FUSION_STEPS)
-
-
-def _fuser_claimed(ctx):
-    """Linears vLLM 0.32's attention fusers (QKV, packed QKV, MLA) claim, o_proj included,
-    while the plan does not model the fusers: the tp_plan is not consulted for them."""
-    if not ctx.profile.fuses or fusers_modelled():
-        return lambda qualname: False
-    attn = tuple(m.qualname + "." for m in ctx.facts.modules if m.kind == "attention")
-    return lambda qualname: qualname.startswith(attn)
-
-
 def _tp_plan_active(ctx) -> bool:
     return ctx.tp > 1 and bool(ctx.facts.tp_plan) and ctx.profile.honours_tp_plan
 
@@ -267,15 +244,7 @@ def replicated_linears(ctx, r):
         for e in ctx.plan.entries_of(K_LINEAR)
         if e.tp_style is None and e.target == "ReplicatedLinear"
     ]
-    note = ""
-    skip = _fuser_claimed(ctx)
-    kept = [e for e in left if not skip(e.qualname)]
-    if len(kept) != len(left):
-        note = " (attention projections left to vLLM's fusers)"
-    left = kept
-    unmodelled = ctx.profile.fuses and not fusers_modelled()
-    if unmodelled:
-        note += "; vLLM's MLP fusers may claim some of these (not modelled in this plan)"
+    # (the plan models every fuser its profile names: what they claim is not in `left`)
     if not left:
         return
     bpp = _bytes_per_param(ctx)
@@ -288,8 +257,8 @@ def replicated_linears(ctx, r):
     small = total < 0.01 * max(ctx.facts.num_parameters, 1)
     yield r.finding(
         f"{len(left)} linear(s) replicated ({kinds}): {size(total * bpp)} in all, "
-        f"{size(extra)} more per rank than sharding would need{note}",
-        severity=Severity.INFO if small or unmodelled else Severity.WARNING,
+        f"{size(extra)} more per rank than sharding would need",
+        severity=Severity.INFO if small else Severity.WARNING,
         modules=sorted(sizes, key=lambda q: -sizes[q])[:16],
         params=total,
         extra_bytes_per_rank=extra,
@@ -549,4 +518,99 @@ def gathered_attention_projections(ctx, r):
             f"{len(gathered)} attention projection(s) ({', '.join(names)}) are colwise_gather_output"
             f": every rank computes all heads while vLLM's Attention serves heads / {ctx.tp}",
             modules=gathered[:16],
+        )
+
+
+_SPLIT_OUTPUT = frozenset(
+    {"ColumnParallelLinear", "QKVParallelLinear", "MergedColumnParallelLinear"}
+)
+
+
+def _split_attention(ctx):
+    """(spec, linear entries inside the attention module, linear entries beside it in its parent)
+    for each layer whose heads vLLM splits over the ranks."""
+    linears = ctx.plan.entries_of(K_LINEAR)
+    for spec in ctx.plan.attention:
+        if not spec.qualname or not spec.num_heads or spec.heads_per_rank == spec.num_heads:
+            continue
+        inside = [e for e in linears if e.qualname.startswith(spec.qualname + ".")]
+        parent = spec.qualname.rpartition(".")[0]
+        beside = [
+            e
+            for e in linears
+            if e.qualname.startswith(parent + ".")
+            and not e.qualname.startswith(spec.qualname + ".")
+        ]
+        yield spec, inside, beside
+
+
+@rule(
+    "TFB221",
+    "Attention output leaves the module for a linear that is not row-parallel",
+    Severity.ERROR,
+    rationale="""
+When an attention module holds only its q/k/v (BERT-style `self` attention, whose output
+projection lives in a sibling `output.dense`), vLLM's QKV fuser splits the heads and the
+module's output is each rank's heads / tp slice. The projection that consumes it is outside the
+module, out of the fusers' sight, and without a tp_plan stays ReplicatedLinear: it multiplies a
+slice by the full weight. vLLM 0.32's CPU linear kernel does not check the shapes and computes
+garbage (BertGeneration at tp 2 in reports/parity.md); on GPU the matmul raises.
+""",
+    fix="serve with tp=1, or add base_model_tp_plan keys that make the output projection rowwise",
+)
+def attention_output_unreduced(ctx, r):
+    if ctx.tp <= 1:
+        return
+    bad = [
+        (spec, beside)
+        for spec, inside, beside in _split_attention(ctx)
+        if inside
+        and all(e.target in _SPLIT_OUTPUT for e in inside)
+        and beside
+        and not any(e.target == "RowParallelLinear" for e in beside)
+    ]
+    if bad:
+        spec, beside = bad[0]
+        yield r.finding(
+            f"{len(bad)} attention module(s) return their per-rank heads ({spec.qualname}) to "
+            f"{beside[0].qualname.rsplit('.', 2)[-2]}.{beside[0].qualname.rsplit('.', 1)[-1]} "
+            f"({beside[0].target}), which needs the whole output: wrong logits at tp={ctx.tp}",
+            modules=[s.qualname for s, _ in bad][:16],
+        )
+
+
+@rule(
+    "TFB222",
+    "Statistics over a column-split projection's features",
+    Severity.ERROR,
+    rationale="""
+A projection vLLM fuses and splits by columns (MergedColumnParallelLinear, QKVParallelLinear)
+leaves each rank only its 1/tp of the output features. When the forward then reduces over
+those features before the next linear (Gemma 3n's activation sparsity: `mean` and `std` of
+`gate_proj` over its features set a cut-off), each rank computes the statistic of its slice,
+not of the whole: the activations and the logits differ at tp > 1 on every platform (Gemma 3n
+text at tp 2 in reports/parity.md; tp 1 matches).
+""",
+    fix="serve with tp=1, or with vLLM's native implementation of the architecture",
+)
+def split_feature_statistics(ctx, r):
+    if ctx.tp <= 1:
+        return
+    split = {
+        s for e in ctx.plan.entries_of(K_LINEAR) if e.target in _SPLIT_OUTPUT for s in e.sources
+    }
+    hits: dict[str, list[str]] = {}
+    for m in ctx.facts.modules:
+        for cand in (m.attrs.get("fusion") or {}).get("candidates", []):
+            pieces = cand.get("linears") or [cand.get(k) for k in ("q", "k", "v", "gate", "up")]
+            if cand.get("reduced") and any(f"{m.qualname}.{p}" in split for p in pieces if p):
+                hits[m.qualname] = cand["reduced"]
+    if hits:
+        ops = sorted({o for v in hits.values() for o in v})
+        yield r.finding(
+            f"{len(hits)} module(s) take {', '.join(ops)} over the features of a projection "
+            f"split 1/{ctx.tp} per rank ({next(iter(hits))}): each rank's statistic covers its "
+            f"slice only, so the logits are wrong at tp={ctx.tp}",
+            modules=sorted(hits)[:16],
+            reductions=ops,
         )

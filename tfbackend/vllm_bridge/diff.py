@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from tfbackend.inspect.facts import ModelFacts
-from tfbackend.replace.plan import ReplacementPlan
+from tfbackend.plan import ReplacementPlan
 
 _IGNORED_CLASSES = {"UnquantizedFusedMoEMethod", "LogitsProcessor"}
 

@@ -7,7 +7,7 @@ from rich.table import Table
 from rich.text import Text
 
 from tfbackend.report.console import print_whole
-from tfbackend.report.units import size
+from tfbackend.units import size
 
 
 def _size(n: int) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 
 from tfbackend.inspect.facts import ConfigFacts, ModuleFact
-from tfbackend.replace.plan import ParamShard
+from tfbackend.plan import ParamShard
 
 _SELF_ATTR = re.compile(r"^self\.(\w+)$")
 
