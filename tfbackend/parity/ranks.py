@@ -1,12 +1,13 @@
 """The ranks `run` spawns on this host, started before the plan exists.
 
 Starting a rank costs an interpreter and the imports of torch and transformers (seconds, more
-than the rest of its work for a small model). The ranks are started as soon as the model is
-found, so that cost runs beside the parent's analysis and reference; each then waits for the
-job (the plan, pickled once by the parent: never recomputed per rank), builds, and waits twice
-more: to load until the parent says the shards fit beside the reference (or the reference is
-freed), and to run forward until the reference's forward is over, so neither forward is timed
-while the other runs.
+than the rest of its work for a small model). That cost starts as soon as the model is found, so
+it runs beside the parent's analysis and reference: spawned ranks (CUDA) start then and wait for
+the job; on CPU the forkserver starts then, imports once, and forks the ranks with the job. The
+job is the plan, pickled once by the parent (never recomputed per rank); each rank builds, then
+waits twice more: to load until the parent says the shards fit beside the reference (or the
+reference is freed), and to run forward until the reference's forward is over, so neither forward
+is timed while the other runs.
 
 `--timeout` counts the ranks' own time: from their start, less the time every rank spent
 waiting for the parent.
@@ -60,53 +61,72 @@ class SpawnedRanks:
     def __enter__(self) -> SpawnedRanks:
         import torch.multiprocessing as mp
 
-        from tfbackend.parity.workers import PRELOAD, RankStart, free_port, rank_main
+        from tfbackend.parity.workers import PRELOAD
 
         self._signals = _signals_as_exceptions()
         self._hold = self._signals.__enter__()
         try:
-            method = start_method(self.options.device)
-            ctx = mp.get_context(method)
-            if method == "forkserver":
-                ctx.set_forkserver_preload(["torch", *PRELOAD, "tfbackend.parity.workers"])
-            self.queue, self.jobs = ctx.SimpleQueue(), ctx.SimpleQueue()
-            self.may_load, self.may_forward = ctx.Event(), ctx.Event()
-            start = RankStart(
-                world=self.world, device=self.options.device, port=free_port(),
-                spawned_at=time.time(), jobs=self.jobs,
-                may_load=self.may_load, may_forward=self.may_forward,
-            )  # fmt: skip
+            self.method = start_method(self.options.device)
+            self.ctx = mp.get_context(self.method)
+            self.queue, self.jobs = self.ctx.SimpleQueue(), self.ctx.SimpleQueue()
+            self.may_load, self.may_forward = self.ctx.Event(), self.ctx.Event()
             self.progress(
                 "spawn ranks",
                 "running",
                 f"{self.world} processes ({'nccl' if self.options.device == 'cuda' else 'gloo'})",
             )
-            self.started = time.perf_counter()
-            with self._hold():  # every rank started and `procs` holds them all, for the cleanup
-                self.procs = mp.start_processes(
-                    rank_main, args=(start, self.queue), nprocs=self.world, join=False,
-                    start_method=method,
-                )  # fmt: skip
+            if self.method == "forkserver":
+                # The server imports now, beside this process's work; the ranks are forked from
+                # it with the job, already imported (a fork request would wait for the import).
+                from multiprocessing import forkserver
+
+                self.ctx.set_forkserver_preload(["torch", *PRELOAD, "tfbackend.parity.workers"])
+                forkserver.ensure_running()
+            else:
+                self._start()
         except BaseException as exc:
             self.__exit__(type(exc), exc, exc.__traceback__)
             raise
         return self
 
+    def _start(self) -> None:
+        import torch.multiprocessing as mp
+
+        from tfbackend.parity.workers import RankStart, free_port, rank_main
+
+        with self._hold():  # the folder exists and `out` names it, or neither
+            self.out = Path(tempfile.mkdtemp(prefix="tfbackend-run-"))
+        start = RankStart(
+            world=self.world, device=self.options.device, port=free_port(),
+            spawned_at=time.time(), jobs=self.jobs,
+            may_load=self.may_load, may_forward=self.may_forward,
+        )  # fmt: skip
+        self.started = time.perf_counter()
+        with self._hold():  # every rank started and `procs` holds them all, for the cleanup
+            self.procs = mp.start_processes(
+                rank_main, args=(start, self.queue), nprocs=self.world, join=False,
+                start_method=self.method,
+            )  # fmt: skip
+
     def __exit__(self, *exc) -> None:
+        from tfbackend.errors import Terminated
+
         try:
             with self._hold():  # a second signal does not cut the cleanup short
                 if self.procs is not None:
                     _stop(self.procs)
                 if self.out is not None:
                     shutil.rmtree(self.out, ignore_errors=True)
+                if exc[0] in (Terminated, KeyboardInterrupt):
+                    _stop_forkserver()  # about to exit
         finally:
             self._signals.__exit__(*exc)
 
     def send(self, job) -> None:
         """The job, once per rank (pickled here, unpickled there: the plan is not recomputed),
-        with the run's folder, made now: there is nothing to write there before."""
-        with self._hold():  # the folder exists and `out` names it, or neither
-            self.out = Path(tempfile.mkdtemp(prefix="tfbackend-run-"))
+        with the run's folder."""
+        if self.procs is None:
+            self._start()
         job.out_dir = str(self.out)
         for _ in range(self.world):
             self.jobs.put(job)
@@ -265,6 +285,19 @@ def _stop(procs) -> None:
     for path in getattr(procs, "error_files", None) or []:
         with contextlib.suppress(OSError):
             os.unlink(path)
+
+
+def _stop_forkserver() -> None:
+    """Stopped by a signal, this process is about to exit: end multiprocessing's forkserver now
+    and wait for it, so it does not outlive this process (on its own it ends after it, once it
+    notices, and a server still importing notices only when done). A later run in this process
+    starts a new one. `ForkServer._stop` is CPython's own (3.8+), used by its tests."""
+    from multiprocessing import forkserver
+
+    stop = getattr(getattr(forkserver, "_forkserver", None), "_stop", None)
+    if stop is not None:
+        with contextlib.suppress(OSError, ChildProcessError):
+            stop()
 
 
 def _load(path: Path):
