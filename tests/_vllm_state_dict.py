@@ -33,6 +33,9 @@ def rank_main(rank, world, tp, port, dirs, out, dtype):
     from vllm.model_executor.model_loader.utils import get_model_architecture
     from vllm.utils.torch_utils import set_default_torch_dtype
 
+    from tfbackend.vllm_bridge.shm import name_segments
+
+    name_segments(f"state-dict-{port}")  # vLLM's CPU communicator reads it (vllm_bridge/shm.py)
     ps.init_distributed_environment(world_size=world, rank=rank, local_rank=rank,
                                     distributed_init_method=f"tcp://127.0.0.1:{port}",
                                     backend="gloo")  # fmt: skip
@@ -82,4 +85,7 @@ if __name__ == "__main__":
         p.start()
     for p in procs:
         p.join()
+    from tfbackend.vllm_bridge.shm import unlink_segments
+
+    unlink_segments(f"state-dict-{port}")
     sys.exit(max(p.exitcode or 0 for p in procs))

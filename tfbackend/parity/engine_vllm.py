@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tfbackend.errors import RunError, UserError
+from tfbackend.vllm_bridge.shm import unlink_segments
 
 FULL_SCORES_LIMIT = 1 << 23  # vocab x longest prompt: ~1.2 GB transient in vLLM, ~6 s on 2 CPUs
 TOPK_ASKED = 20
@@ -152,18 +153,9 @@ def run_vllm(local_dir, prompts, reference, options, report, progress, load_form
             raise RunError(f"{exc} (vLLM's logs: {work})") from None
         raise
     finally:
-        _unlink_shared_memory(work.name)
+        unlink_segments(work.name)
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
-
-
-def _unlink_shared_memory(run_id: str) -> None:
-    """Remove the CPU shared-memory segments of this run that a killed rank left behind
-    (vllm_child.name_cpu_shared_memory): every rank has stopped by now."""
-    from tfbackend.parity.vllm_child import SHM_PREFIX
-
-    for segment in Path("/dev/shm").glob(f"{SHM_PREFIX}{run_id}-*"):
-        segment.unlink(missing_ok=True)
 
 
 def _debug(options) -> bool:

@@ -200,15 +200,17 @@ def main(job_dir: str, rank: int) -> int:
 
 
 def name_cpu_shared_memory(run_id: str) -> None:
-    """Give this run's CPU shared-memory segments a name of their own.
+    """Give this run's CPU shared-memory segments a name of their own (vllm_bridge/shm.py).
 
-    vLLM's CPU communicator names its segments after VLLM_DIST_IDENT, which cpu_worker.py reads
-    from the init method; under the external launcher that is "env://", so every run of every
-    user gets the same "/dev/shm/-tp:0-[0-1]-cpushm_0". A run killed before it unlinks them (a
-    timeout, Ctrl-C, a crash) makes the next one fail with "create shm in SHMManager failed.
-    errno: 17", and two runs at once collide. The run's own folder name is the same on every
-    rank and unique on the machine; `engine_vllm` removes what is left under it at the end."""
+    Under the external launcher vLLM's CPU worker sets VLLM_DIST_IDENT from the init method,
+    "env://", so every run of every user gets the same "/dev/shm/-tp:0-[0-1]-cpushm_0": a run
+    killed before it unlinks them (a timeout, Ctrl-C, a crash) made the next one fail with
+    "create shm in SHMManager failed. errno: 17", and two runs at once collide. The worker
+    overwrites the variable, so the name is set where vLLM makes it; `engine_vllm` unlinks what
+    is left at the end."""
     from vllm.distributed.device_communicators import cpu_communicator
+
+    from tfbackend.vllm_bridge.shm import ident
 
     shm = getattr(cpu_communicator, "_CPUSHMDistributed", None)
     if shm is None:  # another vLLM release: its own naming stands
@@ -217,12 +219,8 @@ def name_cpu_shared_memory(run_id: str) -> None:
 
     # shm_open takes one name with no "/" inside: vLLM's starts with "//" under env://
     shm.make_group_name = staticmethod(
-        lambda c: f"{SHM_PREFIX}{run_id}-" + vllm_name(c).replace("/", "").lstrip("-")
+        lambda c: f"{ident(run_id)}-" + vllm_name(c).replace("/", "").lstrip("-")
     )
-
-
-# What this run's CPU shared-memory segments start with under /dev/shm (name_cpu_shared_memory).
-SHM_PREFIX = "tfbackend-"
 
 
 def warm_pipeline(worker) -> None:

@@ -97,7 +97,10 @@ def build_rank(
     )
     from vllm.distributed import parallel_state as ps
 
+    from tfbackend.vllm_bridge.shm import name_segments
+
     subs = _install_stand_ins()
+    name_segments(f"build-{port}")
     ps.init_distributed_environment(
         world_size=world_size,
         rank=rank,

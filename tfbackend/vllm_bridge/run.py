@@ -57,6 +57,7 @@ def build_with_vllm(
     import multiprocessing as mp
 
     from tfbackend.vllm_bridge.build import build_rank
+    from tfbackend.vllm_bridge.shm import unlink_segments
 
     world = tp * pp
     ctx = mp.get_context("spawn")
@@ -91,6 +92,7 @@ def build_with_vllm(
             bad = [p.exitcode for p in procs if p.exitcode]
             if bad:
                 error = f"a vLLM worker exited with code {bad[0]}"
+        unlink_segments(f"build-{port}")
         builds = []
         for i in range(len(model_dirs)):
             build = ParallelBuild(tp=tp, pp=pp, error=error)
