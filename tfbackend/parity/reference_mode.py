@@ -89,10 +89,32 @@ def choose(model_dir: str, dtype: str, device: str, requested: str) -> Reference
     return decide(need, free, where)
 
 
-def run_reference(local_dir: str, prompts, options, report, progress):
-    """Choose, compute, and record in the report what the reference was and what it cost."""
+def fits_beside(choice: ReferenceChoice, model_dir: str, options) -> bool:
+    """Whether the ranks may load their shards while the in-memory reference is held: where the
+    reference runs (host RAM on CPU, where every rank loads too; GPU 0 on CUDA, rank 0's) has room
+    for both, with the same headroom. A streamed reference is chosen for want of memory: never."""
+    if choice.mode != "memory":
+        return False
     ref_dtype = options.reference_dtype or options.dtype
-    choice = choose(local_dir, ref_dtype, options.device, options.reference)
+    need = choice.weights_bytes or weights_bytes(model_dir, ref_dtype)
+    free = choice.free_bytes
+    if free is None:
+        free, _ = free_bytes(options.device)
+    if free is None:
+        return False
+    # A rank holds at most the whole model; on CPU every rank's shard is in host RAM.
+    ranks = weights_bytes(model_dir, options.dtype) * (
+        1 if options.device == "cuda" else options.tp * options.pp
+    )
+    return (need + ranks) * HEADROOM <= free
+
+
+def run_reference(local_dir: str, prompts, options, report, progress, choice=None):
+    """Choose (unless chosen), compute, and record in the report what the reference was and what
+    it cost."""
+    ref_dtype = options.reference_dtype or options.dtype
+    if choice is None:
+        choice = choose(local_dir, ref_dtype, options.device, options.reference)
     progress(
         "reference",
         "running",

@@ -5,19 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
-import os
-import shutil
-import signal
-import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tfbackend.errors import RunError, Terminated, UserError
+from tfbackend.errors import UserError
 from tfbackend.parity.bisect import Divergence
 from tfbackend.parity.metrics import PromptMetrics
 from tfbackend.parity.workers import RankStats
@@ -165,13 +159,29 @@ def run(model: str, options: RunOptions, progress: Progress = _noop) -> RunRepor
         from tfbackend.parity.launch import run_torchrun
 
         return run_torchrun(model, options, progress)
+    if converted is not None:  # the plan, config and reference are the original checkpoint's
+        options = dataclasses.replace(options, revision=converted.revision)
+    with contextlib.ExitStack() as stack:
+        return _run_on_this_host(model, converted, options, progress, stack)
+
+
+def _run_on_this_host(
+    model, converted, options: RunOptions, progress: Progress, stack
+) -> RunReport:
+    """Ranks (native engine) start once the model is found, and do their imports while this
+    process analyses it and computes the reference (parity/ranks.py)."""
     ref_dtype = options.reference_dtype or options.dtype
     phases: dict[str, float] = {}
     t = time.perf_counter()
     progress("resolve", "running", model)
-    if converted is not None:  # the plan, config and reference are the original checkpoint's
-        options = dataclasses.replace(options, revision=converted.revision)
-    local_dir, facts, plan, config = _resolve(converted.original if converted else model, options)
+    source, local_dir = _locate(converted.original if converted else model, options)
+    ranks = None
+    if options.engine == "native":
+        from tfbackend.parity.ranks import SpawnedRanks
+
+        _check_devices(options)
+        ranks = stack.enter_context(SpawnedRanks(options, progress))
+    facts, plan, config = _analyse(source, local_dir, options)
     weights = None
     if converted is not None and options.engine == "native":
         from tfbackend.parity.converted import rank_weights
@@ -198,12 +208,26 @@ def run(model: str, options: RunOptions, progress: Progress = _noop) -> RunRepor
                 f"the converted files hold {converted.manifest.dtype}; the engine computes in "
                 f"{options.dtype}"
             )
+    if ranks is not None:
+        from tfbackend.parity.workers import RankJob
+
+        job = RankJob(
+            model_dir=local_dir, plan=plan, tp=options.tp, pp=options.pp, device=options.device,
+            dtype=options.dtype, prompts=[p.ids for p in prompts], port=0, out_dir="",
+            timeout_s=options.timeout_s, bisect=options.bisect,
+            trust_remote_code=options.trust_remote_code, converted=weights,
+        )  # fmt: skip
+        ranks.send(job)
 
     t = time.perf_counter()
-    from tfbackend.parity.reference_mode import run_reference
+    from tfbackend.parity.reference_mode import choose, fits_beside, run_reference
 
-    reference = run_reference(local_dir, prompts, options, report, progress)
+    choice = choose(local_dir, ref_dtype, options.device, options.reference)
+    if ranks is not None and fits_beside(choice, local_dir, options):
+        ranks.allow_load()  # the shards load while the reference runs
+    reference = run_reference(local_dir, prompts, options, report, progress, choice=choice)
     phases["reference"] = time.perf_counter() - t
+    phases["reference load"] = reference.load_s
     phases["reference forward"] = reference.forward_s
 
     if options.engine == "vllm":
@@ -218,9 +242,8 @@ def run(model: str, options: RunOptions, progress: Progress = _noop) -> RunRepor
             )  # fmt: skip
         return run_vllm(local_dir, prompts, reference, options, report, progress)
 
-    logits, captures = _run_ranks(
-        local_dir, plan, prompts, options, report, progress, reference.captures, weights
-    )
+    ranks.allow_forward()  # the reference is over (and freed)
+    logits, captures = ranks.collect(report, progress, reference.captures)
     t = time.perf_counter()
     progress("compare", "running", "")
     _judge(report, prompts, reference.logits, logits, options.dtype)
@@ -242,11 +265,13 @@ def run(model: str, options: RunOptions, progress: Progress = _noop) -> RunRepor
 
 
 def _resolve(model: str, options: RunOptions):
-    from transformers import AutoConfig
+    source, local_dir = _locate(model, options)
+    return (local_dir, *_analyse(source, local_dir, options))
 
-    from tfbackend.inspect import facts_from_source
+
+def _locate(model: str, options: RunOptions):
+    """The model's source and a local folder with its safetensors (downloaded for a hub id)."""
     from tfbackend.inspect.resolve import resolve
-    from tfbackend.replace.planner import build_plan
 
     source = resolve(model, revision=options.revision, token=options.token, offline=options.offline)
     local_dir = source.local_dir
@@ -264,11 +289,21 @@ def _resolve(model: str, options: RunOptions):
                 allow_patterns=["*.json", "*.safetensors", "tokenizer*"],
             )
     _require_safetensors(local_dir)
+    return source, local_dir
+
+
+def _analyse(source, local_dir: str, options: RunOptions):
+    """Facts (walked once, here) → the plan the ranks receive, and the config."""
+    from transformers import AutoConfig
+
+    from tfbackend.inspect import facts_from_source
+    from tfbackend.replace.planner import build_plan
+
     facts = facts_from_source(source, trust_remote_code=options.trust_remote_code)
     plan = build_plan(facts, tp=options.tp, pp=options.pp, profile=plan_profile(options, facts))
     _check_runnable(facts, plan, options)
     config = AutoConfig.from_pretrained(local_dir, trust_remote_code=options.trust_remote_code)
-    return local_dir, facts, plan, config
+    return facts, plan, config
 
 
 def _require_safetensors(local_dir: str) -> None:
@@ -300,8 +335,7 @@ def _require_safetensors(local_dir: str) -> None:
     raise UserError(f"{local_dir} has no .safetensors weights: `run` needs the checkpoint")
 
 
-def _check_runnable(facts, plan, options: RunOptions) -> None:
-    cfg = facts.config
+def _check_devices(options: RunOptions) -> None:
     world = options.tp * options.pp
     if options.device == "cuda" and options.launcher == "spawn":  # torchrun: per node, launch.py
         import torch
@@ -312,6 +346,11 @@ def _check_runnable(facts, plan, options: RunOptions) -> None:
                 f"--tp {options.tp} --pp {options.pp} needs {world} GPUs, {have} visible: "
                 "use fewer, or --device cpu"
             )
+
+
+def _check_runnable(facts, plan, options: RunOptions) -> None:
+    cfg = facts.config
+    _check_devices(options)
     if options.engine == "vllm":  # vLLM decides what it can split; what it refuses is the result
         return
     if options.pp > 1 and not plan.stages:
@@ -321,229 +360,6 @@ def _check_runnable(facts, plan, options: RunOptions) -> None:
         raise UserError(f"{heads} attention heads do not split over --tp {options.tp}")
     if options.tp > 1 and kv and kv % options.tp and options.tp % kv:
         raise UserError(f"{kv} kv heads neither split over nor replicate onto --tp {options.tp}")
-
-
-def _run_ranks(
-    local_dir, plan, prompts, options, report, progress, reference_captures, weights=None
-):
-    import torch.multiprocessing as mp
-
-    from tfbackend.parity.workers import RankJob, free_port, rank_main
-
-    world = options.tp * options.pp
-    out = procs = None
-    with _signals_as_exceptions() as hold:
-        try:
-            with hold():  # the folder exists and `out` names it, or neither
-                out = Path(tempfile.mkdtemp(prefix="tfbackend-run-"))
-            job = RankJob(
-                model_dir=local_dir, plan=plan, tp=options.tp, pp=options.pp,
-                device=options.device, dtype=options.dtype, prompts=[p.ids for p in prompts],
-                port=free_port(), out_dir=str(out), timeout_s=options.timeout_s,
-                bisect=options.bisect, trust_remote_code=options.trust_remote_code,
-                converted=weights,
-            )  # fmt: skip
-            t0 = time.perf_counter()
-            progress(
-                "spawn ranks",
-                "running",
-                f"{world} processes ({'nccl' if options.device == 'cuda' else 'gloo'})",
-            )
-            # spawn by default (safe with CUDA); forkserver (TFBACKEND_START_METHOD) forks ranks
-            # from a server that imported torch and transformers once: repeated runs (tests) are
-            # fast.
-            method = os.environ.get("TFBACKEND_START_METHOD", "spawn")
-            start_ctx = mp.get_context(method)
-            if method == "forkserver":
-                start_ctx.set_forkserver_preload(
-                    ["torch", "transformers", "tfbackend.parity.workers"]
-                )
-            queue = start_ctx.SimpleQueue()
-            with hold():  # every rank started and `procs` holds them all, for the cleanup
-                procs = mp.start_processes(
-                    rank_main, args=(job, queue), nprocs=world, join=False, start_method=method
-                )
-            return _collect(procs, queue, options, report, progress, reference_captures, out, t0)
-        finally:
-            with hold():  # a second signal does not cut the cleanup short
-                if procs is not None:
-                    _stop(procs)
-                if out is not None:
-                    shutil.rmtree(out, ignore_errors=True)
-
-
-def _collect(procs, queue, options, report, progress, reference_captures, out: Path, t0: float):
-    world = options.tp * options.pp
-    try:
-        _wait(procs, queue, options.timeout_s, t0, world, out, progress)
-        report.phases["ranks"] = time.perf_counter() - t0
-        report.ranks = [
-            RankStats(**json.loads((out / f"rank{r}.json").read_text())) for r in range(world)
-        ]
-        logits = _load(out / "logits.pt")
-        captures = None
-        if options.bisect:
-            captures = [x for s in range(options.pp) for x in _load(out / f"capture{s}.pt") or []]
-        return logits, captures
-    except _ModelFailure as failure:
-        report.verdict = "fail"
-        report.model_error = failure.record["message"]
-        report.phases["ranks"] = time.perf_counter() - t0
-        captures = None
-        if options.bisect:
-            captures = [x for s in range(options.pp) for x in _load(out / f"capture{s}.pt") or []]
-        report.divergence = Divergence(
-            failure.record["module"] or "?", None, failure.record["message"]
-        )
-        if captures is not None:
-            from tfbackend.parity.bisect import first_divergence
-
-            report.divergence = first_divergence(
-                reference_captures, captures, options.dtype,
-                raised_in=failure.record["module"], error=failure.record["message"],
-            ) or report.divergence  # fmt: skip
-        return None, None
-
-
-@contextlib.contextmanager
-def _signals_as_exceptions():
-    """SIGTERM raises Terminated and SIGINT KeyboardInterrupt in the main thread, so `finally`
-    stops the ranks and removes the run's folder, and the CLI exits 143 or 130 (without a
-    handler, SIGTERM killed the process where it stood: folder left, semaphore leaked).
-
-    Yields `hold`: inside `with hold():` a signal waits until the block ends, so creating the
-    folder, starting the ranks and cleaning up are never cut in half; a second signal while one
-    waits is raised at once (a stuck start can still be interrupted).
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield contextlib.nullcontext  # signal handlers can only be set from the main thread
-        return
-    state = {"depth": 0, "pending": None}
-
-    def raise_for(signum: int):
-        if signum == signal.SIGTERM:
-            raise Terminated()
-        raise KeyboardInterrupt
-
-    def handler(signum, frame):
-        if state["depth"] and state["pending"] is None:
-            state["pending"] = signum
-            return
-        raise_for(signum)
-
-    @contextlib.contextmanager
-    def hold():
-        state["depth"] += 1
-        try:
-            yield
-        finally:
-            state["depth"] -= 1
-        if not state["depth"] and state["pending"] is not None:
-            signum, state["pending"] = state["pending"], None
-            raise_for(signum)
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield hold
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h if h is not None else signal.SIG_DFL)
-
-
-class _ModelFailure(Exception):
-    def __init__(self, record: dict):
-        super().__init__(record["message"])
-        self.record = record
-
-
-def _wait(procs, queue, timeout_s, t0, world, out: Path, progress) -> None:
-    import torch.multiprocessing as mp
-
-    seen: dict[int, str] = {}
-    shown: set[str] = set()
-    deadline = t0 + timeout_s
-    while True:
-        while not queue.empty():
-            rank, phase = queue.get()
-            seen[rank] = phase
-            for ph, label in (
-                ("load", "spawn ranks"),
-                ("forward", "load shards"),
-                ("done", "forward"),
-            ):
-                if (
-                    label not in shown
-                    and len(seen) == world
-                    and all(_after(p, ph) for p in seen.values())
-                ):
-                    shown.add(label)
-                    progress(label, "done", "")
-            if "spawn ranks" in shown and "load shards" not in shown:
-                progress(
-                    "load shards",
-                    "running",
-                    f"{sum(p == 'forward' for p in seen.values())}/{world} ranks loaded",
-                )
-        try:
-            if procs.join(timeout=0.2):
-                return
-        except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
-            record = _first_error(out)
-            if record and record["kind"] == "model":
-                raise _ModelFailure(record) from None
-            if record:
-                raise RunError(
-                    f"rank {record['rank']} failed during {record['phase']}: {record['message']}"
-                ) from None
-            raise RunError(f"a rank died: {str(exc).strip().splitlines()[-1]}") from None
-        if time.perf_counter() > deadline:
-            stuck = {r: p for r, p in seen.items() if p != "done"}
-            raise RunError(
-                f"timed out after {timeout_s:.0f}s (--timeout); ranks still running: "
-                + (", ".join(f"rank {r} in {p}" for r, p in sorted(stuck.items())) or "not started")
-            )
-
-
-_ORDER = ("init", "build", "load", "forward", "done")
-
-
-def _after(phase: str, target: str) -> bool:
-    return _ORDER.index(phase) >= _ORDER.index(target)
-
-
-def _first_error(out: Path) -> dict | None:
-    """The error that started it: the earliest, preferring a real error over the collective
-    failures it causes on the other ranks."""
-    records = [json.loads(p.read_text()) for p in out.glob("rank*.error.json")]
-    if not records:
-        return None
-    records.sort(key=lambda r: (r["kind"] in ("collective", "interrupted"), r["time"]))
-    return records[0]
-
-
-def _stop(procs) -> None:
-    """Terminate, then kill, every rank still alive: no orphans. Then remove the error files
-    torch.multiprocessing named for them: start_processes reserves one per rank in the default
-    temp dir (tempfile.NamedTemporaryFile, torch/multiprocessing/spawn.py) and a rank that raises
-    writes its traceback there; nothing else deletes it."""
-    for p in procs.processes:
-        if p.is_alive():
-            p.terminate()
-    deadline = time.time() + 5
-    for p in procs.processes:
-        p.join(timeout=max(0.1, deadline - time.time()))
-        if p.is_alive():
-            p.kill()
-            p.join(timeout=5)
-    for path in getattr(procs, "error_files", None) or []:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-
-
-def _load(path: Path):
-    import torch
-
-    return torch.load(path, weights_only=True) if path.is_file() else None
 
 
 def _judge(report: RunReport, prompts, ref_logits, logits, dtype: str) -> None:

@@ -68,14 +68,54 @@ def _die_with_parent() -> None:
         pass
 
 
-def rank_main(local: int, job: RankJob, queue) -> None:
+@dataclass
+class RankStart:
+    """What a spawned rank needs before the plan exists: it is started while the parent resolves
+    the model, so its interpreter start and imports overlap the parent's; the job (with the run's
+    folder) follows on `jobs`, and the parent's events say when it may load (memory) and run
+    forward (timing)."""
+
+    world: int
+    device: str
+    port: int
+    spawned_at: float  # time.time() when the parent started the processes
+    jobs: object  # a SimpleQueue: one RankJob per rank
+    may_load: object  # multiprocessing Events
+    may_forward: object
+
+
+# What every rank imports anyway, loaded while it waits for the job, or once by the forkserver
+# the ranks are forked from (the model's own module is imported by from_config).
+PRELOAD = (
+    "safetensors",
+    "transformers.modeling_utils",
+    "tfbackend.replace.apply",
+    "tfbackend.parity.weights",
+    "tfbackend.parity.bisect",
+)
+
+
+def rank_main(local: int, start: RankStart, queue) -> None:
     """Entry point of a spawned rank (`local` is its global rank)."""
+    import importlib
+
     _die_with_parent()
-    rank, world = local, job.tp * job.pp
-    device = torch.device("cuda", rank) if job.device == "cuda" else torch.device("cpu")
-    work = RankWork(job, rank, device, on_phase=lambda name: queue.put((rank, name)))
-    out = Path(job.out_dir)
+    rank, out = local, None
+    work = None
     try:
+        for name in PRELOAD:
+            importlib.import_module(name)
+        ready = time.time()
+        queue.put((rank, "ready", ready))
+        job = start.jobs.get()
+        job.port, out = start.port, Path(job.out_dir)
+        device = torch.device("cuda", rank) if job.device == "cuda" else torch.device("cpu")
+        work = RankWork(
+            job, rank, device, on_phase=lambda name: queue.put((rank, name, time.time())),
+            gates={"load": start.may_load, "forward": start.may_forward},
+        )  # fmt: skip
+        work.stats.phases["start"] = ready - start.spawned_at
+        work.stats.phases["wait"] = time.time() - ready
         t = work.enter("init")
         if job.device == "cuda":
             torch.cuda.set_device(rank)
@@ -83,7 +123,7 @@ def rank_main(local: int, job: RankJob, queue) -> None:
             "nccl" if job.device == "cuda" else "gloo",
             init_method=f"tcp://127.0.0.1:{job.port}",
             rank=rank,
-            world_size=world,
+            world_size=start.world,
             timeout=timedelta(seconds=max(30, job.timeout_s)),
             **({"device_id": device} if job.device == "cuda" else {}),
         )
@@ -93,11 +133,12 @@ def rank_main(local: int, job: RankJob, queue) -> None:
         if job.bisect and work.tp_rank == 0:
             torch.save(work.recorder.outputs, out / f"capture{work.stage}.pt")
         (out / f"rank{rank}.json").write_text(json.dumps(asdict(work.stats)))
-        queue.put((rank, "done"))
+        queue.put((rank, "done", time.time()))
         dist.barrier()
         dist.destroy_process_group()
     except BaseException as exc:  # noqa: BLE001 - recorded for the parent, then re-raised
-        _record_error(exc, rank, work.phase, job, out, work.recorder)
+        if work is not None:  # before the job there is no folder: the parent sees the exit
+            _record_error(exc, rank, work.phase, work.job, out, work.recorder)
         raise
 
 
@@ -106,8 +147,9 @@ class RankWork:
     rank's slices, run the prompts. The same for a rank tfbackend spawned (`rank_main`) and one
     torchrun started (`parity/launch.py`); `phase` and `recorder` say where it was if it raised."""
 
-    def __init__(self, job: RankJob, rank: int, device: torch.device, on_phase=None):
+    def __init__(self, job: RankJob, rank: int, device: torch.device, on_phase=None, gates=None):
         self.job, self.rank, self.device = job, rank, device
+        self.gates = gates or {}  # phase -> an Event set by whoever may hold this rank back
         self.stage, self.tp_rank = divmod(rank, job.tp)
         self.stats = RankStats(rank=rank, stage=self.stage, tp_rank=self.tp_rank)
         self.phase = "init"
@@ -116,6 +158,13 @@ class RankWork:
         self._on_phase = on_phase or (lambda name: None)
 
     def enter(self, name: str) -> float:
+        gate = self.gates.get(name)
+        if gate is not None and not gate.is_set():
+            self.phase = f"wait {name}"
+            self._on_phase(self.phase)
+            t = time.perf_counter()
+            gate.wait()
+            self.stats.phases["wait"] = self.stats.phases.get("wait", 0.0) + time.perf_counter() - t
         self.phase = name
         self._on_phase(name)
         return time.perf_counter()
