@@ -81,6 +81,7 @@ def run(
 ) -> None:
     """Build the wrapped model per rank and compare its logits with plain transformers."""
     from tfbackend.parity.launch import speaks
+    from tfbackend.parity.ranks import one_run_per_process
     from tfbackend.parity.runner import PHASES, RunOptions
     from tfbackend.parity.runner import run as run_parity
     from tfbackend.report.run_console import live_progress, render_run
@@ -93,14 +94,15 @@ def run(
         debug=debug, original=original, vllm_version=vllm_version,
     )  # fmt: skip
     board = live_progress(PHASES) if speaks(options) else contextlib.nullcontext(_silent)
-    with user_errors(debug, subject=f"running {model}"), board as progress:
-        report = run_parity(model, options, progress)
-    if json_out:
-        import json
+    with user_errors(debug, subject=f"running {model}"), one_run_per_process():
+        with board as progress:
+            report = run_parity(model, options, progress)
+        if json_out:
+            import json
 
-        sys.stdout.write(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
-    else:
-        render_run(report, show_log=debug)
+            sys.stdout.write(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+        else:
+            render_run(report, show_log=debug)
     raise typer.Exit(report.exit_code)
 
 

@@ -23,6 +23,7 @@ import signal
 import tempfile
 import threading
 import time
+import traceback
 from pathlib import Path
 
 from tfbackend.errors import RunError
@@ -285,6 +286,46 @@ def _stop(procs) -> None:
     for path in getattr(procs, "error_files", None) or []:
         with contextlib.suppress(OSError):
             os.unlink(path)
+
+
+@contextlib.contextmanager
+def one_run_per_process():
+    """For a process that runs once and exits (the CLI): SIGTERM and Ctrl-C become exceptions for
+    the whole command, not only while ranks exist, and multiprocessing's helpers this run started
+    (the forkserver the ranks fork from, the resource tracker of its queues) are stopped and
+    waited for before it exits. On their own they end just after this process, once they notice,
+    so for a moment they outlived it. A script that runs many models in one process keeps its
+    forkserver warm by not using this."""
+    with _signals_as_exceptions() as hold:
+        try:
+            yield
+        except BaseException as exc:
+            # The traceback's frames hold the run's queues and events; freed, they unregister
+            # their semaphores, so the tracker stops without a "leaked semaphore" warning.
+            traceback.clear_frames(exc.__traceback__)
+            with hold():
+                _stop_helpers()
+            raise
+        with hold():
+            _stop_helpers()
+
+
+def _stop_helpers() -> None:
+    _stop_forkserver()
+    _stop_resource_tracker()
+
+
+def _stop_resource_tracker() -> None:
+    """Every queue and event of the run is gone by now (each unregistered itself), so the tracker
+    has nothing left to warn of. `ResourceTracker._stop` is CPython's own (3.8+)."""
+    import gc
+    from multiprocessing import resource_tracker
+
+    gc.collect()  # a SemLock still in a reference cycle unregisters when collected
+    stop = getattr(getattr(resource_tracker, "_resource_tracker", None), "_stop", None)
+    if stop is not None:
+        with contextlib.suppress(OSError, ChildProcessError):
+            stop()
 
 
 def _stop_forkserver() -> None:
