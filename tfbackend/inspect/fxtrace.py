@@ -39,6 +39,10 @@ class _MetaProxy(fx.Proxy):
     def __len__(self) -> int:
         if self.meta is not _UNKNOWN:
             return len(self.meta)
+        if _is_shape(self.node):
+            # `f(*x.shape[:-1])` asks for a length hint first: TypeError says "none", and
+            # Python then iterates (the tracer's `iter`); fx's own RuntimeError ends the trace
+            raise TypeError("a traced shape's length is unknown")
         return super().__len__()  # type: ignore[misc]
 
     def __getattr__(self, k: str) -> _MetaAttribute:
@@ -139,9 +143,24 @@ class _LeafTracer(fx.Tracer):
         ):
             return iter(())
         meta = getattr(obj, "meta", _UNKNOWN)
+        if meta is _UNKNOWN and _is_shape(node):
+            # `x.new_empty(*x.shape[:-1], d)` (DeepSeek-V3's attention in transformers 5.24): a
+            # shape of unknown length spread into a call's arguments. Its pieces carry no data,
+            # so one proxy for all of them keeps the graph's data flow whole; the trace would
+            # otherwise stop there, before o_proj, and what fuses would depend on the release.
+            return iter([obj])
         if meta is _UNKNOWN:
             return super().iter(obj)
         return iter([obj[i] for i in range(len(meta))])
+
+
+def _is_shape(node: fx.Node) -> bool:
+    """`x.shape`, `x.size()` or a slice or item of either."""
+    while node.op == "call_function" and node.target is operator.getitem:
+        node = node.args[0]
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1] == "shape"
+    return node.op == "call_method" and node.target == "size"
 
 
 def _leaf(fn):
