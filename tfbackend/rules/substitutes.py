@@ -15,16 +15,13 @@ from tfbackend.inspect.linear_forward import UNRUN
 from tfbackend.plan import K_LINEAR
 from tfbackend.rules.findings import Severity
 from tfbackend.rules.registry import rule
+from tfbackend.rules.tensor_parallel import SPLIT_OUTPUT
 
 # vLLM linear classes whose forward is `x @ W.T + b`, one tensor out (return_bias=False).
 _PLAIN_LINEARS = frozenset({
     "ReplicatedLinear", "ColumnParallelLinear", "RowParallelLinear", "QKVParallelLinear",
     "MergedColumnParallelLinear",
 })  # fmt: skip
-# Targets that split a projection's output over the ranks.
-_SPLIT_OUTPUT = frozenset(
-    {"ColumnParallelLinear", "QKVParallelLinear", "MergedColumnParallelLinear"}
-)
 
 
 @rule(
@@ -122,7 +119,7 @@ def replicated_attention(ctx, r):
         # Zaya's `qkv_proj.q_proj` sit one level down (both crashed vLLM at tp 2)
         inside = spec.qualname + "."
         own = [e for e in entries if any(s.startswith(inside) for s in e.sources)]
-        if own and not any(e.target in _SPLIT_OUTPUT for e in own):
+        if own and not any(e.target in SPLIT_OUTPUT for e in own):
             hit.append((spec, sorted({e.qualname.rsplit(".", 1)[-1] for e in own})))
     if hit:
         spec, names = hit[0]

@@ -521,7 +521,8 @@ def gathered_attention_projections(ctx, r):
         )
 
 
-_SPLIT_OUTPUT = frozenset(
+# Targets that split a projection's output over the ranks.
+SPLIT_OUTPUT = frozenset(
     {"ColumnParallelLinear", "QKVParallelLinear", "MergedColumnParallelLinear"}
 )
 
@@ -565,7 +566,7 @@ def attention_output_unreduced(ctx, r):
         (spec, beside)
         for spec, inside, beside in _split_attention(ctx)
         if inside
-        and all(e.target in _SPLIT_OUTPUT for e in inside)
+        and all(e.target in SPLIT_OUTPUT for e in inside)
         and beside
         and not any(e.target == "RowParallelLinear" for e in beside)
     ]
@@ -597,7 +598,7 @@ def split_feature_statistics(ctx, r):
     if ctx.tp <= 1:
         return
     split = {
-        s for e in ctx.plan.entries_of(K_LINEAR) if e.target in _SPLIT_OUTPUT for s in e.sources
+        s for e in ctx.plan.entries_of(K_LINEAR) if e.target in SPLIT_OUTPUT for s in e.sources
     }
     hits: dict[str, list[str]] = {}
     for m in ctx.facts.modules:
