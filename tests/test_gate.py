@@ -18,8 +18,8 @@ from tfbackend.gate.baseline import BaselineError, apply_baseline, load_baseline
 from tfbackend.gate.manifest import load_manifest
 from tfbackend.gate.result import RUN_PASSED, RunOutcome
 from tfbackend.gate.runner import ENGINE_UNAVAILABLE, GateOptions, parity_engine, run_gate
-from tfbackend.report.findings import Verdict
 from tfbackend.report.markdown import gate_markdown
+from tfbackend.rules.findings import Verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = GateOptions(progress=False)

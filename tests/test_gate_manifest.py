@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from tfbackend.cli.app import app
 from tfbackend.gate.manifest import ManifestError, load_manifest
-from tfbackend.report.findings import Verdict
+from tfbackend.rules.findings import Verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 

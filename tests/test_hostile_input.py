@@ -522,7 +522,7 @@ def test_check_tables_print_every_number_in_full_without_a_terminal(tmp_path):
     assert result.exit_code == 0, result.output
     out = result.output
     assert "…" not in out
-    from tfbackend.report.units import size
+    from tfbackend.units import size
 
     for header in ("weights", "largest", "KV/token", "KV@len", "tokens fit", "heads/rank"):
         assert header in out
