@@ -548,7 +548,7 @@ def test_run_tables_print_every_number_in_full_without_a_terminal():
     import torch
 
     from tfbackend.parity.metrics import compare_logits
-    from tfbackend.parity.runner import RunReport
+    from tfbackend.parity.result import RunReport
     from tfbackend.parity.workers import RankStats
     from tfbackend.report.run_console import render_run
 

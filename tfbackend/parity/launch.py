@@ -245,13 +245,13 @@ class _Session:
             raise self.exc
         if record["kind"] == "model" and self.report is not None:
             from tfbackend.parity.bisect import Divergence
-            from tfbackend.parity.runner import _judge, _plan_entry
+            from tfbackend.parity.result import judge_run, plan_entry
 
             report = self.report
             report.model_error = record["message"]
-            _judge(report, [], [], None, self.options.dtype)
+            judge_run(report, [], [], None, self.options.dtype)
             report.divergence = Divergence(record["module"] or "?", None, record["message"])
-            report.divergence.plan_entry = _plan_entry(self.plan, report.divergence.module)
+            report.divergence.plan_entry = plan_entry(self.plan, report.divergence.module)
             return report
         if record["kind"] == "oom":
             raise RunError(record["message"])
@@ -337,7 +337,8 @@ def _rank_flow(session: _Session, model: str, pg_store, timeout, progress):
     import torch.distributed as dist
 
     from tfbackend.parity.prompts import build_prompts
-    from tfbackend.parity.runner import RunReport, _judge, _plan_entry, _resolve
+    from tfbackend.parity.result import RunReport, judge_run, plan_entry
+    from tfbackend.parity.source import resolve_run
     from tfbackend.parity.workers import RankJob, RankStats, RankWork
 
     env, options, device = session.env, session.options, session.device
@@ -356,7 +357,7 @@ def _rank_flow(session: _Session, model: str, pg_store, timeout, progress):
     t = time.perf_counter()
     session.phase("resolve")
     progress("resolve", "running", model)
-    local_dir, facts, plan, config = _resolve(model, options)
+    local_dir, facts, plan, config = resolve_run(model, options)
     session.plan = plan
     phases["resolve"] = time.perf_counter() - t
     progress("resolve", "done", f"{facts.causal_lm_class}, {len(plan.entries)} plan entries")
@@ -420,13 +421,13 @@ def _rank_flow(session: _Session, model: str, pg_store, timeout, progress):
     phases["ranks"] = time.perf_counter() - t_ranks
     t = time.perf_counter()
     progress("compare", "running", "")
-    _judge(report, prompts, reference.logits, logits, options.dtype)
+    judge_run(report, prompts, reference.logits, logits, options.dtype)
     if options.bisect and report.verdict == "fail" and captures is not None:
         from tfbackend.parity.bisect import first_divergence
 
         report.divergence = first_divergence(reference.captures, captures, options.dtype)
     if report.divergence:
-        report.divergence.plan_entry = _plan_entry(plan, report.divergence.module)
+        report.divergence.plan_entry = plan_entry(plan, report.divergence.module)
     phases["compare"] = time.perf_counter() - t
     progress("compare", "done", report.verdict)
     return report

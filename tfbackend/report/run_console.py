@@ -15,7 +15,7 @@ from tfbackend.report.console import make_console, print_whole
 from tfbackend.units import gib
 
 if TYPE_CHECKING:  # renderers read the run's result; they never import the runner
-    from tfbackend.parity.runner import RunReport
+    from tfbackend.parity.result import RunReport
 
 _MARK = {"running": "[yellow]…[/]", "done": "[green]✓[/]", "pending": "[dim]·[/]"}
 
