@@ -28,12 +28,18 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 # Disagreements that are understood but not modelled: (name, predicate on the model_type and a
 # diff.Disagreement, why). A disagreement no entry explains is reported as UNEXPLAINED.
+# --vllm-version: the profile the saved builds are diffed against (tests re-diff 0.33's builds
+# without vLLM 0.33 installed)
+PROFILE: str | None = None
+
+
 def _profile():
-    """The profile of the vLLM the builds come from (the installed one; else the newest)."""
+    """The profile of the vLLM the builds come from: --vllm-version, else the installed one's,
+    else the newest."""
     from tfbackend.inspect.walk import versions
     from tfbackend.replace.profiles import select_profile
 
-    return select_profile(None, versions().get("vllm"))
+    return select_profile(PROFILE, versions().get("vllm"))
 
 
 def _vllm_config_class(model_type: str) -> str | None:
@@ -98,6 +104,7 @@ class Row:
     disagreements: list[dict] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # tfbackend check's error rule ids
     vllm_error: str = ""
+    made_with: str = ""  # the versions the saved build was made with
 
 
 def architectures() -> list[tuple[str, str]]:
@@ -295,7 +302,14 @@ def main() -> None:
         default=None,
         help="cut each config to this many decoder layers (for models vLLM builds too slowly)",
     )
+    ap.add_argument(
+        "--vllm-version",
+        default=None,
+        help="the profile to diff against (default: the installed vLLM's); for --from-raw",
+    )
     args = ap.parse_args()
+    global PROFILE
+    PROFILE = args.vllm_version
     # A clean exit on SIGTERM lets multiprocessing end the daemonic workers: none is orphaned.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
 
@@ -313,6 +327,7 @@ def main() -> None:
             with open(os.path.join(saved, name)) as fh:
                 raw[name.removesuffix(".json")] = json.load(fh)
     tps = sorted({int(k.rsplit("@tp", 1)[1]) for k in raw}) if args.from_raw else args.tp
+    made_with = _versions()
     with tempfile.TemporaryDirectory() as root:
         prepared = []
         for model_type, arch in archs:
@@ -338,7 +353,9 @@ def main() -> None:
 
                 def keep(i, ranks, why, tp=tp, todo=todo):
                     key = f"{todo[i][0]}@tp{tp}"
-                    raw[key] = {"ranks": ranks, "why": why, "layers": todo[i][6]}
+                    raw[key] = {
+                        "ranks": ranks, "why": why, "layers": todo[i][6], "made_with": made_with,
+                    }  # fmt: skip
                     if args.raw:
                         os.makedirs(args.raw, exist_ok=True)
                         with open(os.path.join(args.raw, key + ".json"), "w") as fh:
@@ -354,6 +371,7 @@ def main() -> None:
                     model_type, arch, text_of, tp, facts, got["ranks"], got["why"], reloads
                 )
                 row.layers = layers
+                row.made_with = got.get("made_with", "")
                 rows.append(row)
     write(rows, args.out, time.monotonic() - started)
 
@@ -383,19 +401,35 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def write(rows: list[Row], out: str, seconds: float) -> None:
+def _versions() -> str:
     import importlib.metadata as md
+
+    return ", ".join(f"{p} {md.version(p)}" for p in ("transformers", "vllm", "torch"))
+
+
+def archive_of(profile_name: str) -> tuple[str, str]:
+    """(archive, folder in it) of the saved builds of a profile: 0.32's kept their first name."""
+    if profile_name == "vllm-0.32":
+        return "reports/agreement-builds.tar.gz", "agreement-builds"
+    short = profile_name.removeprefix("vllm-")
+    return f"reports/agreement-{short}-builds.tar.gz", f"agreement-{short}-builds"
+
+
+def write(rows: list[Row], out: str, seconds: float) -> None:
+    archive, folder = archive_of(_profile().name)
 
     built = [r for r in rows if r.status in ("agree", "disagree")]
     agree = sum(r.status == "agree" for r in built)
     rate = f"{100 * agree / len(built):.1f}%" if built else "n/a"
     explained = sum(r.status == "disagree" and "UNEXPLAINED" not in r.why for r in built)
-    versions = ", ".join(f"{p} {md.version(p)}" for p in ("transformers", "vllm", "torch"))
+    made = sorted({r.made_with for r in rows if r.made_with})
+    versions = "; ".join(made) if made else _versions()
     refused = [r for r in rows if r.status == "vLLM raised"]
     foreseen = sum(bool(r.errors) for r in refused)
     same = sum(same_cause(r) is True for r in refused)
     lines = [
-        "# Agreement: tfbackend's plan vs vLLM 0.32's own Transformers-backend build",
+        f"# Agreement: tfbackend's plan vs vLLM {_profile().name.removeprefix('vllm-')}'s own "
+        "Transformers-backend build",
         "",
         f"**Full agreement: {agree}/{len(built)} ({rate})** of the (architecture, tp) pairs "
         "vLLM built on meta; "
@@ -431,9 +465,9 @@ def write(rows: list[Row], out: str, seconds: float) -> None:
             "is the same per layer."
         )
     lines += [
-        "- the builds are in `reports/agreement-builds.tar.gz`: re-diff them without vLLM with "
-        "`tar xzf reports/agreement-builds.tar.gz -C /tmp && python3 scripts/agreement_report.py "
-        "--from-raw /tmp/agreement-builds`",
+        f"- the builds are in `{archive}`: re-diff them without vLLM with "
+        f"`tar xzf {archive} -C /tmp && python3 scripts/agreement_report.py "
+        f"--from-raw /tmp/{folder} --vllm-version {_profile().name}`",
         "",
     ]
     lines += _table(

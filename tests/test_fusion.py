@@ -233,11 +233,14 @@ def test_llama4_router_scores_after_top_k_and_is_no_vllm_router():
     from transformers import Llama4TextConfig
     from transformers.models.llama4.modeling_llama4 import Llama4Router
 
-    from tfbackend.inspect.fusables import router_scoring
+    from tfbackend.inspect.moe_blocks import router_reading
 
     with torch.device("meta"):
         router = Llama4Router(Llama4TextConfig(hidden_size=64, num_local_experts=4))
-    assert router_scoring(router) is None
+    # vLLM 0.32 asks for the score before the top-k; Llama 4 applies its sigmoid after
+    reading = router_reading(router)
+    assert reading["before"] is None
+    assert reading["after"] == {"op": "sigmoid", "from_linear": True}
 
 
 def test_ernie4_5_moe_router_keeps_its_bias_in_a_child_so_routing_stays_in_transformers():

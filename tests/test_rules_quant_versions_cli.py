@@ -116,7 +116,9 @@ def test_checking_another_vllm_than_the_installed_one_is_said():
 def test_profile_selection():
     assert select_profile("0.6.2", None).name == "vllm-0.6"
     assert select_profile("0.10.1", None).name == "vllm-0.11"
-    assert select_profile("0.33", None).name == "vllm-0.32"
+    assert select_profile("0.33", None).name == "vllm-0.33"
+    assert select_profile("0.32.9", None).name == "vllm-0.32"
+    assert select_profile(None, "0.33.0").name == "vllm-0.33"
     assert select_profile(None, "0.9.2").name == "vllm-0.11"
     assert select_profile(None, None).name == "vllm-0.32"
     assert select_profile("vllm-0.6", "0.32.0").name == "vllm-0.6"

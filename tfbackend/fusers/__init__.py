@@ -9,12 +9,14 @@ from tfbackend.fusers.glu import GLUFuser
 from tfbackend.fusers.merged_column import MergedColumnParallelFuser
 from tfbackend.fusers.mla import MLAFuser
 from tfbackend.fusers.moe import MoEBlockFuser
+from tfbackend.fusers.moe_v033 import DataflowMoEBlockFuser
 from tfbackend.fusers.packed_qkv import PackedQKVFuser
 from tfbackend.fusers.qkv import QKVFuser
 from tfbackend.fusers.rms_norm import RMSNormFuser
 
 __all__ = [
     "AttentionFuser",
+    "DataflowMoEBlockFuser",
     "Fuser",
     "GLUFuser",
     "MLAFuser",

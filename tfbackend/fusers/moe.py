@@ -25,15 +25,87 @@ from tfbackend.plan.shards import replicated_shards
 
 
 class MoEBlockFuser(Fuser):
+    """vLLM 0.32's MoEBlockFuser.match: the first child whose forward is
+    `topk(softmax|sigmoid(linear(x)))` routes; a shared expert is the one child the first
+    addition with the experts' output adds."""
+
     name = "MoEBlockFuser"
 
     def fuse_blocks(self, facts, plan, profile, stage_of) -> list[PlanEntry]:
-        return _fuse_moe(facts, plan, profile, stage_of)
+        return _fuse_moe(self, facts, plan, profile, stage_of)
 
     def aliases(self, facts, plan) -> list[PlanEntry]:
         """The shared expert's modules again under the runner's path (vLLM replaces its
         layers after the fuser wrapped it: one module object, two names)."""
         return _alias_shared_experts(facts, plan)
+
+    def match(self, block: dict, experts: str) -> dict:
+        """This release's verdict on a block, from what the walk read (inspect/moe_blocks.py):
+        `routing` "internal" (vLLM routes), "external" (the HF gate routes, vLLM runs the rest)
+        or None (the block's forward stays, vLLM smuggles its top-k ids in), and why."""
+        if block["returns_tuple"]:
+            return verdict(reason="forward returns a tuple")
+        router = scoring = None
+        for name, reading in block["routers"].items():
+            if _state_ok(reading) and isinstance(before := reading["before"], dict):
+                if before["from_linear"]:
+                    router, scoring = name, before["op"]
+                    break
+        if router is None:
+            return verdict(reason=no_router(block["routers"]))
+        shared = shared_gate = None
+        if set(block["children"]) - {experts, router}:
+            if not block["traced"]:  # vLLM gives up on the block: routing stays in Transformers
+                return verdict(reason="forward not traceable")
+            shared, shared_gate = block["first_add"]["shared"], block["first_add"]["gate"]
+            if shared_gate is not None and shared_gate not in block["scalar_gates"]:
+                return verdict(reason=f"shared-expert gate {shared_gate} is not a one-logit linear")
+            dropped = sorted(set(block["stateful"]) - {experts, router, shared, shared_gate})
+            if dropped:
+                return verdict(
+                    reason=f"child {dropped[0]} holds state and is not the shared expert its "
+                    "forward adds to the experts' output"
+                )
+        return verdict(router, scoring, shared, shared_gate, "internal")
+
+    def without_vllm_routing(self, found: dict) -> dict:
+        """The verdict when vLLM must not route this block (the fp16 fallback): 0.32 keeps the
+        whole block in Transformers."""
+        return verdict(reason="routed_scaling_factor with a shared expert in float16")
+
+
+def verdict(router=None, scoring=None, shared=None, shared_gate=None, routing=None, reason=""):
+    return {
+        "router": router,
+        "scoring": scoring,
+        "shared": shared,
+        "shared_gate": shared_gate,
+        "routing": routing,
+        "reason": reason,
+    }
+
+
+def _state_ok(reading: dict) -> bool:
+    # vLLM first asks that the router's whole state be `weight` plus an optional
+    # `e_score_correction_bias` (Ernie 4.5 keeps that bias in a child, `moe_statics`: rejected)
+    state = set(reading["state"])
+    return "weight" in state and not state - {"weight", "e_score_correction_bias"}
+
+
+def no_router(routers: dict) -> str:
+    """Why no child passed as the router, told for the likeliest one (a child with a weight)."""
+    for name, reading in routers.items():
+        state = set(reading["state"])
+        if not any(n.rsplit(".", 1)[-1] == "weight" for n in state):
+            continue
+        extra = sorted(state - {"weight", "e_score_correction_bias"})
+        if extra:
+            return (
+                f"router {name} holds {', '.join(extra)}: vLLM accepts only weight and "
+                "e_score_correction_bias"
+            )
+        return f"router {name}'s forward is not topk(softmax|sigmoid(linear(x)))"
+    return "no child holds a router weight"
 
 
 def _routing_stays(block: str, why: str) -> PlanNote:
@@ -42,19 +114,22 @@ def _routing_stays(block: str, why: str) -> PlanNote:
     )
 
 
-def _block_match(facts: ModelFacts, experts: ModuleFact, notes: list[str]):
-    """(router fact, shared-expert child name, shared-gate child name) when vLLM routes inside its
-    MoERunner, router None when routing stays in Transformers (transformers/moe.py)."""
+def _block_match(fuser: MoEBlockFuser, facts: ModelFacts, experts: ModuleFact, notes: list):
+    """The fuser's verdict on the block of `experts`, the fp16 fallback applied, and the router's
+    fact when vLLM routes (transformers/moe.py)."""
     block = experts.qualname.rsplit(".", 1)[0]
-    verdict = experts.attrs["moe_block"]  # the walk reads every experts' block (moe_blocks.py)
-    if verdict["router"] is None:
-        notes.append(_routing_stays(block, verdict["reason"]))
-        return None, None, None
-    router = facts.module(f"{block}.{verdict['router']}")
-    shared, gate = verdict["shared"], verdict["shared_gate"]
+    child = experts.qualname.rsplit(".", 1)[1]
+    found = fuser.match(experts.attrs["moe_block"], child)
+    if found["routing"] is None:
+        why = found["reason"]
+        if why.startswith("forward") and (owner := facts.module(block)) is not None:
+            why = f"{owner.class_name}.{why}"
+        notes.append(_routing_stays(block, why))
+        return found, None
     cfg = facts.config
     scale = cfg.raw.get("routed_scaling_factor")
-    if shared and scale not in (None, 1.0) and cfg.dtype == "float16":
+    internal = found["routing"] == "internal"
+    if found["shared"] and internal and scale not in (None, 1.0) and cfg.dtype == "float16":
         # vLLM would divide the shared output by the scale, which only its own fp16 decoder
         # layers undo (moe.py: reaches_fp16_trick), so it falls back to Transformers routing
         notes.append(
@@ -64,11 +139,12 @@ def _block_match(facts: ModelFacts, experts: ModuleFact, notes: list[str]):
                 "dtype)",
             )
         )
-        return None, None, None
-    return router, shared, gate
+        found = fuser.without_vllm_routing(found)
+    router = facts.module(f"{block}.{found['router']}") if found["routing"] == "internal" else None
+    return found, router
 
 
-def _fuse_moe(facts: ModelFacts, plan: ReplacementPlan, profile, stage_of):
+def _fuse_moe(fuser: MoEBlockFuser, facts: ModelFacts, plan: ReplacementPlan, profile, stage_of):
     """experts → MoERunner holding TransformersRoutedExperts (w13 [E, 2I/tp, H], w2 [E, H, I/tp]);
     the router → GateLinear, aliased inside the runner when routing moves into vLLM, with the
     shared expert (and its sigmoid gate) wrapped in the runner too."""
@@ -89,13 +165,17 @@ def _fuse_moe(facts: ModelFacts, plan: ReplacementPlan, profile, stage_of):
                 ParamShard("w13_weight", [E, 2 * inter, H], [E, 2 * per, H], 1),
                 ParamShard("w2_weight", [E, H, inter], [E, H, per], 2),
             ]
-        router, shared, shared_gate = _block_match(facts, m, plan.notes)
+        found, router = _block_match(fuser, facts, m, plan.notes)
+        shared, shared_gate = found["shared"], found["shared_gate"]
         if router is not None and params and (bias := router.params.get("e_score_correction_bias")):
             # The router's bias goes to FusedMoE as a kwarg; an nn.Parameter assigned to a module
             # becomes its parameter (a buffer, as most models keep it, does not)
             params.append(ParamShard("e_score_correction_bias", list(bias), list(bias), None))
         routing = "internal" if router else "external"
-        shared_extra = {"shared_expert": f"{block}.{shared}"} if shared else {}
+        # MoERunner when the fused forward replaces the block's (vLLM routes, or the HF gate
+        # routes through custom_routing_function while the runner runs the shared expert)
+        fused = found["routing"] is not None
+        shared_extra = {"shared_expert": f"{block}.{shared}"} if shared and fused else {}
         entries.append(
             entry(
                 m.qualname,
@@ -104,7 +184,7 @@ def _fuse_moe(facts: ModelFacts, plan: ReplacementPlan, profile, stage_of):
                 K_EXPERTS,
                 # vLLM routes in Transformers through its own runner subclass, which smuggles
                 # the HF top-k ids into FusedMoE (transformers/moe.py: TransformersMoERunner)
-                "MoERunner" if router else "TransformersMoERunner",
+                "MoERunner" if fused else "TransformersMoERunner",
                 f"MoE block fused ({routing} routing)",
                 [],
                 stage,
@@ -140,7 +220,7 @@ def _fuse_moe(facts: ModelFacts, plan: ReplacementPlan, profile, stage_of):
             )
             entries.append(gate)
             entries.append(_alias(gate, f"{m.qualname}.gate", "the runner's alias of the router"))
-        if shared:
+        if shared and fused:
             entries.extend(_shared_wrappers(facts, m, shared, shared_gate, stage))
     return entries
 

@@ -88,35 +88,3 @@ def _analyse(module: Any, graph_of: Callable[[], Any] | None) -> dict[str, Any]:
     if not refused and (groups := fx_match.sibling_groups(graph, module)) > 1:
         reason = f"{groups} sibling-linear groups: which to merge is ambiguous"
     return {"candidates": [], "reason": reason}
-
-
-def router_scoring(module: Any) -> str | None:
-    """ "softmax" / "sigmoid" when the module's traced forward is `topk(score(linear(x)))`, the
-    router vLLM's MoEBlockFuser._match_router accepts (the scorer must feed the top-k; a softmax
-    applied after it does not count); None otherwise, and routing then stays in Transformers.
-
-    vLLM first asks that the router's whole state, children's parameters and buffers included,
-    be `weight` plus an optional `e_score_correction_bias` (Ernie 4.5 keeps that bias in a child,
-    `moe_statics`: rejected)."""
-    state = {n for n, _ in module.named_parameters()} | {n for n, _ in module.named_buffers()}
-    if "weight" not in state or state - {"weight", "e_score_correction_bias"}:
-        return None
-    from tfbackend.inspect.fxtrace import is_op, reaches, trace
-
-    graph = trace(module)
-    if graph is None:
-        return None
-    # the routing top-k is the last one; an earlier one scores expert groups
-    topks = [n for n in graph.nodes if is_op(n, "topk")]
-    if not topks:
-        return None
-    scorers = [
-        n
-        for n in reaches(topks[-1], "all_input_nodes")
-        if is_op(n, "softmax") or is_op(n, "sigmoid")
-    ]
-    if len(scorers) != 1:
-        return None
-    if not any(is_op(n, "linear") for n in reaches(scorers[0], "all_input_nodes")):
-        return None
-    return "softmax" if is_op(scorers[0], "softmax") else "sigmoid"

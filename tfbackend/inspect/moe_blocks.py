@@ -1,48 +1,55 @@
-"""How vLLM ≥ 0.32's MoEBlockFuser reads an MoE block (transformers/fusers/moe.py: `match`).
+"""What an MoE block's forward does, as plain data, for every vLLM's MoEBlockFuser to decide on.
 
-vLLM moves routing (and a shared expert) into its MoERunner only when every step of
-`MoEBlockFuser.match` succeeds on the block that owns `experts`:
+vLLM moves routing (and a shared expert) into its MoERunner only when its `MoEBlockFuser.match`
+succeeds on the block that owns `experts` (transformers/fusers/moe.py). Releases read the block
+differently: 0.32 takes the first child whose forward is `topk(score(linear(x)))` and the first
+addition with the experts' output on one side; 0.33 follows `experts(x, ids, weights)` back to
+the gate that produced `ids` and `weights`, accepts a score after the top-k too, and reads only
+the block's output for a shared expert. The walk records what both need, one FX trace of the
+block and one of each child (`fxtrace.trace`, the trace vLLM's fusers take); the fusers
+(fusers/moe.py, fusers/moe_v033.py) decide. Nothing here is one release's verdict.
 
-1. the block's forward does not return a tuple (`_returns_tuple`, itself an AST reading);
-2. a child is a router: its whole state (recursive parameters and buffers) is `weight` plus an
-   optional `e_score_correction_bias`, and its forward is `topk(score(linear(x)))`
-   (`fusables.router_scoring`);
-3. if other children exist, the block's traced forward adds the experts' output to one other
-   child's output (the shared expert), optionally scaled by `sigmoid(<one-logit linear>(x))`
-   (`_match_shared_experts`);
-4. no other child holds state (fail closed: the rewritten forward would drop it).
-
-Steps 2 and 3 match on FX traces of the router and of the block (`fxtrace.trace`, the trace
-vLLM's fusers take), step 1 reads the source as vLLM does. One reading per (class, children):
-the answer is plain data, `None` fields meaning "not found".
+- `returns_tuple`: the block's forward returns a tuple (`_returns_tuple`, an AST reading);
+- `routers`: per child but the experts, its whole state (recursive parameters and buffers) and
+  the scoring op that feeds its last top-k (`before`) or follows it (`after`);
+- `first_add`: the first addition with the experts' output on exactly one side, and the one
+  child (and sigmoid gate) on the other side;
+- `experts_call`: the gate whose output `[2]` and `[1]` the experts are called with;
+- `output`: the block's output as `experts(...) [* c] [+ shared(x) | sigmoid(g(x)) * shared(x)]`;
+- `children`, `stateful`, `scalar_gates` (one-logit linears), `block_state` (its own tensors).
 """
 
 from __future__ import annotations
 
 import ast
+import inspect
 from typing import Any
 
-from tfbackend.inspect.fusables import router_scoring
 from tfbackend.inspect.rewrite import forward_source
 
 _cache: dict[tuple, dict[str, Any]] = {}
 
 
 def moe_block_fact(block: Any, experts: str) -> dict[str, Any]:
-    """What MoEBlockFuser.match decides for `block`: {"router", "scoring", "shared",
-    "shared_gate", "reason", "block_state"}; `router` None means routing stays in Transformers,
-    `reason` why; `block_state` names the block's own parameters and buffers."""
+    """What `block`'s forward does around its `experts` child (the module docstring's keys)."""
     children = dict(block.named_children())
-    stateful = {n for n, c in children.items() if next(_state(c), None) is not None}
+    stateful = sorted(n for n, c in children.items() if next(_state(c), None) is not None)
     # the block's own tensors: the forward vLLM substitutes never reads them
     own = sorted(
         {n for n, _ in block.named_parameters(recurse=False)}
         | {n for n, _ in block.named_buffers(recurse=False)}
     )
-    key = (type(block), experts, tuple(children), tuple(sorted(stateful)), _scalar_gates(block))
+    scalar = _scalar_gates(block)
+    key = (type(block), experts, tuple(children), tuple(stateful), scalar)
     if key not in _cache:
-        _cache[key] = _match(block, experts, children, stateful)
-    return {**_cache[key], "block_state": own}
+        _cache[key] = _observe(block, experts, children)
+    return {
+        **_cache[key],
+        "children": list(children),
+        "stateful": stateful,
+        "scalar_gates": list(scalar),
+        "block_state": own,
+    }
 
 
 def _state(module: Any):
@@ -61,60 +68,198 @@ def _scalar_gates(block: Any) -> tuple[str, ...]:
     )
 
 
-def _verdict(router=None, scoring=None, shared=None, shared_gate=None, reason=""):
-    return {
-        "router": router,
-        "scoring": scoring,
-        "shared": shared,
-        "shared_gate": shared_gate,
-        "reason": reason,
+def _observe(block, experts: str, children: dict) -> dict[str, Any]:
+    from tfbackend.inspect.fxtrace import trace
+
+    out: dict[str, Any] = {
+        "returns_tuple": returns_tuple(type(block)),
+        "routers": {n: router_reading(c) for n, c in children.items() if n != experts},
+        "traced": False,
+        "first_add": None,
+        "experts_call": None,
+        "output": None,
     }
-
-
-def _match(block, experts: str, children: dict, stateful: set[str]) -> dict[str, Any]:
-    if returns_tuple(type(block)):
-        return _verdict(reason=f"{type(block).__name__}.forward returns a tuple")
-    router = scoring = None
-    for name, child in children.items():
-        if name != experts and (scoring := router_scoring(child)) is not None:
-            router = name
-            break
-    if router is None:
-        return _verdict(reason=_no_router(children, experts))
-    shared = shared_gate = None
-    if set(children) - {experts, router}:
-        from tfbackend.inspect.fxtrace import trace
-
+    try:
         graph = trace(block)
-        if graph is None:  # vLLM gives up on the block: routing stays in Transformers
-            return _verdict(reason=f"{type(block).__name__}.forward not traceable")
-        shared, shared_gate = _shared_experts(graph, experts)
-        if shared_gate is not None and shared_gate not in _scalar_gates(block):
-            return _verdict(reason=f"shared-expert gate {shared_gate} is not a one-logit linear")
-        accounted = {experts, router, shared, shared_gate}
-        dropped = sorted(stateful - accounted)
-        if dropped:
-            return _verdict(
-                reason=f"child {dropped[0]} holds state and is not the shared expert its "
-                "forward adds to the experts' output"
-            )
-    return _verdict(router, scoring, shared, shared_gate)
+    except Exception:  # noqa: BLE001 - an untraceable block: no fuser moves its routing
+        graph = None
+    if graph is None:
+        return out
+    out["traced"] = True
+    shared, gate = _shared_experts(graph, experts)
+    out["first_add"] = {"shared": shared, "gate": gate}
+    call = _experts_call(graph, experts, block)
+    if call is not None:
+        node, x, gate_node = call
+        out["experts_call"] = {"gate": str(gate_node.target)}
+        out["output"] = _output(graph, node, x, block)
+    return out
 
 
-def _no_router(children: dict, experts: str) -> str:
-    """Why no child passed as the router, told for the likeliest one (a child with a weight)."""
-    for name, child in children.items():
-        state = {n for n, _ in _state(child)}
-        if name == experts or not any(n.rsplit(".", 1)[-1] == "weight" for n in state):
+def router_reading(module: Any) -> dict[str, Any]:
+    """A child read as a router: its state, and the one scoring op (softmax or sigmoid) that
+    feeds its last top-k (`before`) or is fed by it (`after`): {"op", "from_linear"}, "many" when
+    more than one, None when none; `renormalizes` whether the top-k weights are divided by their
+    own sum (None: the trace stopped before it could tell)."""
+    from tfbackend.inspect.fxtrace import is_op, reaches, trace
+
+    state = sorted({n for n, _ in _state(module)})
+    reading: dict[str, Any] = {"state": state, "before": None, "after": None, "renormalizes": None}
+    if "weight" not in state:
+        return reading
+    try:
+        graph = trace(module)
+    except Exception:  # noqa: BLE001
+        graph = None
+    if graph is None:
+        return reading
+    # the routing top-k is the last one; an earlier one scores expert groups
+    topks = [n for n in graph.nodes if is_op(n, "topk")]
+    if not topks:
+        return reading
+
+    def scorer(nodes) -> Any:
+        found = [n for n in nodes if is_op(n, "softmax") or is_op(n, "sigmoid")]
+        if len(found) != 1:
+            return "many" if found else None
+        cone = reaches(found[0], "all_input_nodes")
+        return {
+            "op": "softmax" if is_op(found[0], "softmax") else "sigmoid",
+            "from_linear": any(is_op(n, "linear") for n in cone),
+        }
+
+    reading["before"] = scorer(reaches(topks[-1], "all_input_nodes"))
+    reading["after"] = scorer(reaches(topks[-1], "users"))
+    complete = any(n.op == "output" for n in graph.nodes)
+    reading["renormalizes"] = True if _renormalizes(topks[-1]) else (False if complete else None)
+    return reading
+
+
+def _renormalizes(topk) -> bool:
+    """Are the top-k weights divided by their own sum (vLLM 0.33's `_renormalizes`)?"""
+    from torch import fx
+
+    from tfbackend.inspect.fxtrace import is_op, reaches
+
+    downstream = reaches(topk, "users")
+    for node in downstream:
+        if not (is_op(node, "div") or is_op(node, "truediv")) or len(node.args) < 2:
             continue
-        extra = sorted(state - {"weight", "e_score_correction_bias"})
-        if extra:
-            return (
-                f"router {name} holds {', '.join(extra)}: vLLM accepts only weight and "
-                "e_score_correction_bias"
+        denominator = node.args[1]
+        if isinstance(denominator, fx.Node) and any(
+            is_op(n, "sum") and n in downstream for n in reaches(denominator, "all_input_nodes")
+        ):
+            return True
+    return False
+
+
+def _unwrap(node: object, block) -> object:
+    """`node` without reshapes, dtype casts and `nn.Identity` calls."""
+    import torch.nn as nn
+    from torch import fx
+
+    from tfbackend.inspect.fxtrace import is_op, peel
+
+    while True:
+        node = peel(node)
+        if (
+            is_op(node, "reshape")
+            or is_op(node, "view")
+            or (
+                isinstance(node, fx.Node)
+                and node.op == "call_module"
+                and isinstance(block.get_submodule(node.target), nn.Identity)
             )
-        return f"router {name}'s forward is not topk(softmax|sigmoid(linear(x)))"
-    return "no child holds a router weight"
+        ):
+            node = node.args[0]
+        else:
+            return node
+
+
+def _reads_input(node: object, x, block) -> bool:
+    """Is `node` a child of `block` called on just `x`?"""
+    from torch import fx
+
+    return (
+        isinstance(node, fx.Node)
+        and node.op == "call_module"
+        and len(node.args) == 1
+        and not node.kwargs
+        and _unwrap(node.args[0], block) is x
+    )
+
+
+def _experts_call(graph, experts: str, block):
+    """(experts call, x, gate call) when the block calls `experts(x, ids, weights)` with
+    `_, weights, ids = gate(x)` and `x` its input (vLLM 0.33's `_match_experts`), else None."""
+    from tfbackend.inspect.fxtrace import is_op
+
+    node = next((n for n in graph.nodes if n.op == "call_module" and n.target == experts), None)
+    if node is None:
+        return None
+    # bound by signature so keyword calls match too; any other argument fails closed
+    try:
+        bound = inspect.signature(block.get_submodule(experts).forward).bind(
+            *node.args, **node.kwargs
+        )
+    except (TypeError, ValueError):
+        return None
+    if len(bound.arguments) != 3:
+        return None
+    x, ids, weights = (_unwrap(a, block) for a in bound.arguments.values())
+    if not (getattr(x, "op", None) == "placeholder"):
+        return None
+    if not (is_op(ids, "getitem") and is_op(weights, "getitem")):
+        return None
+    gate = ids.args[0]
+    if not (_reads_input(gate, x, block) and ids.args == (gate, 2) and weights.args == (gate, 1)):
+        return None
+    return node, x, gate
+
+
+def _output(graph, experts_node, x, block) -> dict[str, Any] | None:
+    """The block's output as `experts(...) [* c] [+ shared]`: {"routed_scaled", "shared",
+    "shared_gate"}; None when it is anything else (vLLM 0.33's `match`)."""
+    from torch import fx
+
+    from tfbackend.inspect.fxtrace import is_op, peel
+
+    output = next((n for n in graph.nodes if n.op == "output"), None)
+    if output is None or not output.args:
+        return None
+
+    def is_routed(n: object) -> bool:
+        return n is experts_node or (
+            is_op(n, "mul")
+            and not isinstance(n.args[1], fx.Node)
+            and _unwrap(n.args[0], block) is experts_node
+        )
+
+    routed = out = _unwrap(output.args[0], block)
+    shared = None
+    if not is_routed(out):
+        if not (is_op(out, "add") and len(out.args) == 2):
+            return None
+        routed, shared = (_unwrap(a, block) for a in out.args)
+        if is_routed(shared):
+            routed, shared = shared, routed
+        if not is_routed(routed):
+            return None
+    reading = {"routed_scaled": routed is not experts_node, "shared": None, "shared_gate": None}
+    if shared is None:
+        return reading
+    if _reads_input(shared, x, block):
+        return {**reading, "shared": str(shared.target)}
+    if is_op(shared, "mul") and len(shared.args) == 2:
+        scalar = _scalar_gates(block)
+        for gated, expert in (shared.args, shared.args[::-1]):
+            gated, expert = peel(gated), peel(expert)
+            if not (is_op(gated, "sigmoid") and _reads_input(expert, x, block)):
+                continue
+            gate = peel(gated.args[0])
+            if _reads_input(gate, x, block) and str(gate.target) in scalar:
+                return {**reading, "shared": str(expert.target), "shared_gate": str(gate.target)}
+    return {**reading, "added_other": True}  # what is added is no shared expert vLLM knows
 
 
 def returns_tuple(cls: type) -> bool:

@@ -29,6 +29,12 @@ VLLM_CONFIG_CLASSES: Mapping[str, str] = {
     "inkling_mm_model": "InklingMMConfig",
     "inkling_model": "InklingModelConfig",
 }
+# vLLM 0.33.0: deepseek_v4 is read with transformers' own class again; step3p5 with vLLM's
+# Step3p7TextConfig (its registry: "hub remote code fails validation")
+VLLM_033_CONFIG_CLASSES: Mapping[str, str] = {
+    **{k: v for k, v in VLLM_CONFIG_CLASSES.items() if k != "deepseek_v4"},
+    "step3p5": "Step3p7TextConfig",
+}
 
 
 def as_vllm_parses(

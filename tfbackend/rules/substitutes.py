@@ -13,6 +13,7 @@ from __future__ import annotations
 from tfbackend.inspect.facts import ATTENTION, EXPERTS
 from tfbackend.inspect.linear_forward import UNRUN
 from tfbackend.plan import K_LINEAR
+from tfbackend.replace.profiles import Capability
 from tfbackend.rules.findings import Severity
 from tfbackend.rules.registry import rule
 from tfbackend.rules.tensor_parallel import SPLIT_OUTPUT
@@ -237,7 +238,10 @@ backend never sets `is_fused_checkpoint_transposed`. Experts that store them inp
 (Llama 4's `gate_up_proj [E, H, 2I]`, `down_proj [E, I, H]`, multiplied with `torch.bmm(x, W)`)
 fail in weight loading (`_load_w2`: "The size of tensor a (128) must match the size of tensor b
 (256)") or, where the two sizes are equal, load the transpose silently. The orientation is read
-from the experts' parameter shapes against the config's hidden size.
+from the experts' parameter shapes against the config's hidden size. vLLM 0.33 passes the experts'
+`is_transposed` (set by transformers' `use_experts_implementation(is_transposed=True)`, as GPT-OSS
+declares) to FusedMoE as `is_fused_checkpoint_transposed`: under that profile, experts that declare
+it load; Llama 4's, which do not, still fail.
 """,
     fix="serve with vLLM's native implementation of the architecture (Llama 4 has one, which "
     "transposes these tensors while loading)",
@@ -247,9 +251,12 @@ def transposed_experts(ctx, r):
     if not hidden or not ctx.profile.moe_layouts:
         return
     hits = []
+    loads_transposed = ctx.profile.can(Capability.LOADS_TRANSPOSED_EXPERTS)
     for m in ctx.facts.by_kind(EXPERTS):
         if m.attrs.get("layout") != "fused_3d":
             continue
+        if loads_transposed and m.attrs.get("is_transposed"):
+            continue  # vLLM >= 0.33 passes is_fused_checkpoint_transposed to FusedMoE
         for name, shape in m.params.items():
             if len(shape) != 3:
                 continue
