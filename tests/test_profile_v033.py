@@ -27,6 +27,14 @@ def _facts(model_type: str, **kw):
     return facts_from_config(config, SOURCE)
 
 
+def _qwen2_moe(layers: int):
+    return _facts(
+        "qwen2_moe", hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+        shared_expert_intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, vocab_size=256,
+    )  # fmt: skip
+
+
 def _report(facts, profile: str, tp: int = 2):
     return check_facts(facts, CheckOptions(tp=tp, vllm_version=profile))
 
@@ -106,11 +114,7 @@ def test_ernie_moe_keeps_its_router_but_033_runs_its_shared_expert_in_the_runner
 
 
 def test_qwen2_moe_routes_inside_vllm_in_both_releases():
-    facts = _facts(
-        "qwen2_moe", hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-        shared_expert_intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, vocab_size=256,
-    )  # fmt: skip
+    facts = _qwen2_moe(layers=2)
     for profile in ("vllm-0.32", "vllm-0.33"):
         report = _report(facts, profile)
         runner = _runner(report, "model.layers.0.mlp")
@@ -154,11 +158,7 @@ def test_llama4_experts_are_input_first_without_declaring_it_and_fail_in_both():
 
 
 def test_the_walk_records_what_the_block_does_not_a_release_verdict():
-    facts = _facts(
-        "qwen2_moe", hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-        shared_expert_intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, vocab_size=256,
-    )  # fmt: skip
+    facts = _qwen2_moe(layers=1)
     experts = next(m for m in facts.modules if m.qualname.endswith(".experts"))
     block = experts.attrs["moe_block"]
     assert "router" not in block and "routing" not in block

@@ -44,7 +44,7 @@ class MoEBlockFuser(Fuser):
         `routing` "internal" (vLLM routes), "external" (the HF gate routes, vLLM runs the rest)
         or None (the block's forward stays, vLLM smuggles its top-k ids in), and why."""
         if block["returns_tuple"]:
-            return verdict(reason="forward returns a tuple")
+            return verdict(reason=f"{block['block_class']}.forward returns a tuple")
         router = scoring = None
         for name, reading in block["routers"].items():
             if _state_ok(reading) and isinstance(before := reading["before"], dict):
@@ -56,7 +56,7 @@ class MoEBlockFuser(Fuser):
         shared = shared_gate = None
         if set(block["children"]) - {experts, router}:
             if not block["traced"]:  # vLLM gives up on the block: routing stays in Transformers
-                return verdict(reason="forward not traceable")
+                return verdict(reason=f"{block['block_class']}.forward not traceable")
             shared, shared_gate = block["first_add"]["shared"], block["first_add"]["gate"]
             if shared_gate is not None and shared_gate not in block["scalar_gates"]:
                 return verdict(reason=f"shared-expert gate {shared_gate} is not a one-logit linear")
@@ -121,10 +121,7 @@ def _block_match(fuser: MoEBlockFuser, facts: ModelFacts, experts: ModuleFact, n
     child = experts.qualname.rsplit(".", 1)[1]
     found = fuser.match(experts.attrs["moe_block"], child)
     if found["routing"] is None:
-        why = found["reason"]
-        if why.startswith("forward") and (owner := facts.module(block)) is not None:
-            why = f"{owner.class_name}.{why}"
-        notes.append(_routing_stays(block, why))
+        notes.append(_routing_stays(block, found["reason"]))
         return found, None
     cfg = facts.config
     scale = cfg.raw.get("routed_scaling_factor")

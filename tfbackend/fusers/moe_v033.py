@@ -23,9 +23,9 @@ class DataflowMoEBlockFuser(MoEBlockFuser):
 
     def match(self, block: dict, experts: str) -> dict:
         if block["returns_tuple"]:
-            return verdict(reason="forward returns a tuple")
+            return verdict(reason=f"{block['block_class']}.forward returns a tuple")
         if not block["traced"]:
-            return verdict(reason="forward not traceable")
+            return verdict(reason=f"{block['block_class']}.forward not traceable")
         if block["experts_call"] is None:
             return verdict(
                 reason=f"{experts} is not called as {experts}(x, ids, weights) with "

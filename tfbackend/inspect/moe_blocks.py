@@ -16,7 +16,8 @@ block and one of each child (`fxtrace.trace`, the trace vLLM's fusers take); the
   child (and sigmoid gate) on the other side;
 - `experts_call`: the gate whose output `[2]` and `[1]` the experts are called with;
 - `output`: the block's output as `experts(...) [* c] [+ shared(x) | sigmoid(g(x)) * shared(x)]`;
-- `children`, `stateful`, `scalar_gates` (one-logit linears), `block_state` (its own tensors).
+- `block_class`, `children`, `stateful`, `scalar_gates` (one-logit linears), `block_state` (its
+  own tensors).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def moe_block_fact(block: Any, experts: str) -> dict[str, Any]:
     scalar = _scalar_gates(block)
     key = (type(block), experts, tuple(children), tuple(stateful), scalar)
     if key not in _cache:
-        _cache[key] = _observe(block, experts, children)
+        _cache[key] = _observe(block, experts, children, scalar)
     return {
         **_cache[key],
         "children": list(children),
@@ -68,10 +69,11 @@ def _scalar_gates(block: Any) -> tuple[str, ...]:
     )
 
 
-def _observe(block, experts: str, children: dict) -> dict[str, Any]:
+def _observe(block, experts: str, children: dict, scalar: tuple[str, ...]) -> dict[str, Any]:
     from tfbackend.inspect.fxtrace import trace
 
     out: dict[str, Any] = {
+        "block_class": type(block).__name__,
         "returns_tuple": returns_tuple(type(block)),
         "routers": {n: router_reading(c) for n, c in children.items() if n != experts},
         "traced": False,
@@ -92,7 +94,7 @@ def _observe(block, experts: str, children: dict) -> dict[str, Any]:
     if call is not None:
         node, x, gate_node = call
         out["experts_call"] = {"gate": str(gate_node.target)}
-        out["output"] = _output(graph, node, x, block)
+        out["output"] = _output(graph, node, x, block, scalar)
     return out
 
 
@@ -217,7 +219,7 @@ def _experts_call(graph, experts: str, block):
     return node, x, gate
 
 
-def _output(graph, experts_node, x, block) -> dict[str, Any] | None:
+def _output(graph, experts_node, x, block, scalar: tuple[str, ...]) -> dict[str, Any] | None:
     """The block's output as `experts(...) [* c] [+ shared]`: {"routed_scaled", "shared",
     "shared_gate"}; None when it is anything else (vLLM 0.33's `match`)."""
     from torch import fx
@@ -251,7 +253,6 @@ def _output(graph, experts_node, x, block) -> dict[str, Any] | None:
     if _reads_input(shared, x, block):
         return {**reading, "shared": str(shared.target)}
     if is_op(shared, "mul") and len(shared.args) == 2:
-        scalar = _scalar_gates(block)
         for gated, expert in (shared.args, shared.args[::-1]):
             gated, expert = peel(gated), peel(expert)
             if not (is_op(gated, "sigmoid") and _reads_input(expert, x, block)):
