@@ -73,6 +73,8 @@ REFUSAL_CAUSES: list[tuple[str, set[str]]] = [
     # cannot build from (kimi_linear; the AttributeError surfaces from a cached_property)
     ("StrictDataclassClassValidationError", {"TFB111"}),
     ("no attribute '_pre_trained_model_classes'", {"TFB111"}),
+    # 0.33's BeamConfig flattens Beam's per-layer-type rope_parameters; BeamModel indexes them
+    ("KeyError: 'full_attention'", {"TFB111"}),
     # moe.py recursive_replace: `assert top_k is not None`
     ("AssertionError", {"TFB511"}),
 ]
@@ -404,7 +406,13 @@ def _cell(text: str) -> str:
 def _versions() -> str:
     import importlib.metadata as md
 
-    return ", ".join(f"{p} {md.version(p)}" for p in ("transformers", "vllm", "torch"))
+    def version(package: str) -> str:
+        try:
+            return md.version(package)
+        except md.PackageNotFoundError:  # --from-raw re-diffs without vLLM
+            return "not installed"
+
+    return ", ".join(f"{p} {version(p)}" for p in ("transformers", "vllm", "torch"))
 
 
 def archive_of(profile_name: str) -> tuple[str, str]:

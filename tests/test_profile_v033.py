@@ -170,3 +170,25 @@ def test_the_walk_records_what_the_block_does_not_a_release_verdict():
         "shared_gate": "shared_expert_gate",
     }
     assert block["routers"]["gate"]["before"] == {"op": "softmax", "from_linear": True}
+
+
+def test_deepseek_v4_hash_layers_stay_in_transformers_and_the_rest_fuse_in_033():
+    # One block class, two gates: the first layers route by token hash (DeepseekV4HashRouter,
+    # `is_hash` branches the forward to `gate(x, input_ids)`), the rest by sqrt-softplus top-k,
+    # which is no vLLM router, so 0.33 routes those with the HF gate and runs the shared expert
+    # in the runner. vLLM matches every block anew; a reading cached per class would give
+    # every layer the first layer's verdict.
+    facts = _facts(
+        "deepseek_v4", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, head_dim=64,
+        qk_rope_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        vocab_size=256, index_n_heads=4, index_head_dim=16, num_nextn_predict_layers=0,
+        layer_types=["heavily_compressed_attention", "compressed_sparse_attention"],
+        mlp_layer_types=["hash_moe", "moe"],
+    )  # fmt: skip
+    hashed, routed = "model.layers.0.mlp", "model.layers.1.mlp"
+    old, new = _report(facts, "vllm-0.32"), _report(facts, "vllm-0.33")
+    assert _runner(old, hashed).target == _runner(old, routed).target == "TransformersMoERunner"
+    assert _runner(new, hashed).target == "TransformersMoERunner"
+    runner = _runner(new, routed)
+    assert (runner.target, runner.extra["routing"]) == ("MoERunner", "external")
+    assert runner.extra["shared_expert"] == f"{routed}.shared_experts"

@@ -41,7 +41,18 @@ def moe_block_fact(block: Any, experts: str) -> dict[str, Any]:
         | {n for n, _ in block.named_buffers(recurse=False)}
     )
     scalar = _scalar_gates(block)
-    key = (type(block), experts, tuple(children), tuple(stateful), scalar)
+    # vLLM matches every block anew; blocks of one class may still differ per layer (DeepSeek-V4's
+    # first layers route by token hash: another gate class, `is_hash` branching the forward), so
+    # the key holds what a trace can depend on beyond the class: child classes, state names and
+    # the block's flags
+    key = (
+        type(block),
+        experts,
+        tuple((n, type(c)) for n, c in children.items()),
+        tuple(n for n, _ in _state(block)),
+        scalar,
+        tuple(sorted((k, v) for k, v in vars(block).items() if isinstance(v, bool))),
+    )
     if key not in _cache:
         _cache[key] = _observe(block, experts, children, scalar)
     return {

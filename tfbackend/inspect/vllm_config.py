@@ -9,12 +9,15 @@ class is imported only for those model types, so every other check pays nothing.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 from collections.abc import Mapping
 from typing import Any
 
 # vllm/transformers_utils/config.py (0.32): _CONFIG_REGISTRY, the model types transformers also
-# has, and the class vLLM parses each with. A profile names the table its release uses.
+# has, and the class vLLM parses each with where it is not transformers' own for that type (its
+# registry re-exports some upstream classes: hyperclovax, kimi_k25). A profile names the table
+# its release uses; tests/test_vllm_config_tables.py checks it against the installed vLLM.
 VLLM_CONFIG_CLASSES: Mapping[str, str] = {
     "chatglm": "ChatGLMConfig",
     "deepseek_v32": "DeepseekV3Config",
@@ -28,22 +31,61 @@ VLLM_CONFIG_CLASSES: Mapping[str, str] = {
     "ovis": "OvisConfig",
     "inkling_mm_model": "InklingMMConfig",
     "inkling_model": "InklingModelConfig",
+    "qwen3_asr": "Qwen3ASRConfig",
+    "step3p5": "Step3p5Config",
+    "colpali": "ColPaliConfig",
+    "cosmos3_edge": "Cosmos3EdgeConfig",
+    "modernvbert": "ColModernVBertConfig",
+    "muse_glimmer": "MuseGlimmerConfig",
+    "muse_glimmer_assistant": "MuseGlimmerAssistantConfig",
+    "muse_glimmer_text": "MuseGlimmerTextConfig",
+    "muse_glimmer_vision": "MuseGlimmerVisionConfig",
+    "qianfan_ocr": "QianfanOCRConfig",
 }
-# vLLM 0.33.0: deepseek_v4 is read with transformers' own class again; step3p5 with vLLM's
-# Step3p7TextConfig (its registry: "hub remote code fails validation")
+# vLLM 0.33.0: deepseek_v4 is read with transformers' own class again, and the ColPali,
+# Cosmos 3, ModernVBert, Muse Glimmer and Qianfan OCR classes left its registry; step3p5 is read
+# with Step3p7TextConfig (its registry: "hub remote code fails validation")
+_LEFT_IN_033 = {
+    "deepseek_v4", "colpali", "cosmos3_edge", "modernvbert", "muse_glimmer",
+    "muse_glimmer_assistant", "muse_glimmer_text", "muse_glimmer_vision", "qianfan_ocr",
+}  # fmt: skip
 VLLM_033_CONFIG_CLASSES: Mapping[str, str] = {
-    **{k: v for k, v in VLLM_CONFIG_CLASSES.items() if k != "deepseek_v4"},
+    **{k: v for k, v in VLLM_CONFIG_CLASSES.items() if k not in _LEFT_IN_033},
     "step3p5": "Step3p7TextConfig",
+    # new in 0.33's registry, vLLM's own classes for types transformers 5.20 has: Beam's
+    # flattens the per-layer-type rope_parameters, so BeamModel raises KeyError 'full_attention'
+    "beam": "BeamConfig",
+    "moss_transcribe_diarize": "MossTranscribeDiarizeConfig",
+    "muse_spark": "MuseSparkConfig",
+    "muse_spark_audio": "MuseSparkAudioConfig",
+    "muse_spark_text": "MuseSparkTextConfig",
+    "muse_spark_vision": "MuseSparkVisionConfig",
+    "unlimited_ocr": "UnlimitedOCRConfig",
 }
+
+
+def installed_table() -> Mapping[str, str]:
+    """The table of the installed vLLM's release (empty without vLLM): the classes that are
+    imported are that vLLM's, whichever profile the check is then judged against."""
+    if importlib.util.find_spec("vllm") is None:
+        return {}
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        release = Version(importlib.metadata.version("vllm")).release
+    except (importlib.metadata.PackageNotFoundError, InvalidVersion):
+        return VLLM_CONFIG_CLASSES
+    return VLLM_033_CONFIG_CLASSES if release >= (0, 33) else VLLM_CONFIG_CLASSES
 
 
 def as_vllm_parses(
-    config: Any, classes: Mapping[str, str] = VLLM_CONFIG_CLASSES
+    config: Any, classes: Mapping[str, str] | None = None
 ) -> tuple[Any, str | None, str | None]:
     """(config, None, None); or the config re-read with the installed vLLM's class and that
     class's name; or, when that class rejects the config, (config, None, why): vLLM fails there."""
+    classes = installed_table() if classes is None else classes
     name = classes.get(getattr(config, "model_type", ""))
-    if name is None or importlib.util.find_spec("vllm") is None:
+    if name is None:
         return config, None, None
     try:
         import vllm.transformers_utils.configs as vllm_configs

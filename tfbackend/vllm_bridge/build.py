@@ -108,7 +108,13 @@ def build_rank(
         local_rank=rank,
         backend="gloo",
     )
+    environ = dict(os.environ)
     for i, model_dir in enumerate(model_dirs):
+        # A build may set process-wide switches for the rest of the process: vLLM 0.33 sets
+        # VLLM_MLA_DISABLE=1 when a model's MLA layers do not fuse, and every later MLA model
+        # this worker built would then fall back to full attention. A server builds one model.
+        os.environ.clear()
+        os.environ.update(environ)
         build = RankBuild(rank=rank, tp_rank=rank % tp, pp_rank=rank // tp, substitutions=subs)
         try:
             model_config = ModelConfig(
