@@ -274,7 +274,9 @@ reads deepseek_v32 as `DeepseekV3Config`, so the backend builds DeepSeek-V3 atte
 V3.2 indexer; hy_v4's `HYV4Config` changes which linears are sharded. With vLLM installed,
 tfbackend re-reads the config with vLLM's class and checks that model (info); without it, the
 plan follows transformers' class and may not be what vLLM builds (warning). vLLM may also refuse
-configs transformers accepts (deepseek_v4).
+configs transformers accepts (deepseek_v4 on 0.32), or parse one transformers' model cannot be
+built from (beam on 0.33: BeamConfig flattens the per-layer-type rope parameters, and BeamModel
+raises KeyError 'full_attention'). The table of classes is each release's (its registry).
 """,
     fix="run `tfbackend check --with-vllm` to see what the installed vLLM builds, or serve with "
     "vLLM's native implementation of this model type",
