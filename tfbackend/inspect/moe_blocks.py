@@ -42,16 +42,17 @@ def moe_block_fact(block: Any, experts: str) -> dict[str, Any]:
     )
     scalar = _scalar_gates(block)
     # vLLM matches every block anew; blocks of one class may still differ per layer (DeepSeek-V4's
-    # first layers route by token hash: another gate class, `is_hash` branching the forward), so
-    # the key holds what a trace can depend on beyond the class: child classes, state names and
-    # the block's flags
+    # first layers route by token hash: another gate class, `is_hash` branching the forward) or per
+    # config (Cohere2-MoE's router branches on expert_selection_fn), so the key holds what the
+    # block's and its children's traces can depend on beyond the class: child classes, state
+    # names, and the scalar attributes of the block and of each child
     key = (
         type(block),
         experts,
-        tuple((n, type(c)) for n, c in children.items()),
+        _scalars(block),
+        tuple((n, type(c), _scalars(c)) for n, c in children.items()),
         tuple(n for n, _ in _state(block)),
         scalar,
-        tuple(sorted((k, v) for k, v in vars(block).items() if isinstance(v, bool))),
     )
     if key not in _cache:
         _cache[key] = _observe(block, experts, children, scalar)
@@ -62,6 +63,15 @@ def moe_block_fact(block: Any, experts: str) -> dict[str, Any]:
         "scalar_gates": list(scalar),
         "block_state": own,
     }
+
+
+def _scalars(module: Any) -> tuple:
+    """A module's public scalar attributes: what its forward can branch on."""
+    return tuple(
+        (k, v)
+        for k, v in sorted(vars(module).items())
+        if not k.startswith("_") and isinstance(v, (bool, int, float, str))
+    )
 
 
 def _state(module: Any):
