@@ -51,6 +51,13 @@ def main(model: str, out: str, tp: int, pp: int, load_format: str | None) -> Non
         llm.llm_engine.engine_core.shutdown()
     with open(out, "w") as fh:
         json.dump(result, fh)
+    # The engine is shut down and the result written. vLLM's CPU build sometimes aborts in the
+    # interpreter's teardown after that ("terminate called without an active exception", a C++
+    # thread destroyed while joinable: exit -6); what it computed is the result, not that exit
+    # (tfbackend's own engine reads scores the same way, parity/engine_vllm.py _wait).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
