@@ -26,6 +26,8 @@ def fusion_fact(module: Any, graph: Callable[[], Any] | None = None) -> dict[str
     linears = {n: c for n, c in module.named_children() if isinstance(c, nn.Linear)}
     if len(linears) < 2:
         return None
+    from tfbackend.inspect.fxtrace import branch_scalars
+
     # Per class (as vLLM caches), but the q/k/v analysis also reads head_dim and linear shapes:
     # instances of one class built from different configs must not share a stale answer.
     head_dim = getattr(module, "head_dim", None)
@@ -36,11 +38,7 @@ def fusion_fact(module: Any, graph: Callable[[], Any] | None = None) -> dict[str
         head_dim if isinstance(head_dim, int) else None,
         # per-instance switches the forward branches on (Gemma 3n's activation_sparsity
         # differs by layer): one class, two traces
-        tuple(
-            (k, v)
-            for k, v in sorted(vars(module).items())
-            if not k.startswith("_") and isinstance(v, (bool, int, float, str))
-        ),
+        branch_scalars(module),
     )
     if key not in _cache:
         try:

@@ -207,6 +207,16 @@ def _leaf_attention_interfaces():
     return mock.patch.object(AttentionInterface, "get_interface", get_interface)
 
 
+def branch_scalars(module: nn.Module) -> tuple:
+    """A module's public scalar attributes: what its forward can branch on, so what a trace of
+    one instance may differ from another's by (a cache key beside the class)."""
+    return tuple(
+        (k, v)
+        for k, v in sorted(vars(module).items())
+        if not k.startswith("_") and isinstance(v, (bool, int, float, str))
+    )
+
+
 def forward_parameters(cls: type) -> dict[str, inspect.Parameter]:
     try:
         return dict(inspect.signature(cls.forward).parameters)

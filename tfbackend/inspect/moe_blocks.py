@@ -33,6 +33,8 @@ _cache: dict[tuple, dict[str, Any]] = {}
 
 def moe_block_fact(block: Any, experts: str) -> dict[str, Any]:
     """What `block`'s forward does around its `experts` child (the module docstring's keys)."""
+    from tfbackend.inspect.fxtrace import branch_scalars
+
     children = dict(block.named_children())
     stateful = sorted(n for n, c in children.items() if next(_state(c), None) is not None)
     # the block's own tensors: the forward vLLM substitutes never reads them
@@ -49,8 +51,8 @@ def moe_block_fact(block: Any, experts: str) -> dict[str, Any]:
     key = (
         type(block),
         experts,
-        _scalars(block),
-        tuple((n, type(c), _scalars(c)) for n, c in children.items()),
+        branch_scalars(block),
+        tuple((n, type(c), branch_scalars(c)) for n, c in children.items()),
         tuple(n for n, _ in _state(block)),
         scalar,
     )
@@ -63,15 +65,6 @@ def moe_block_fact(block: Any, experts: str) -> dict[str, Any]:
         "scalar_gates": list(scalar),
         "block_state": own,
     }
-
-
-def _scalars(module: Any) -> tuple:
-    """A module's public scalar attributes: what its forward can branch on."""
-    return tuple(
-        (k, v)
-        for k, v in sorted(vars(module).items())
-        if not k.startswith("_") and isinstance(v, (bool, int, float, str))
-    )
 
 
 def _state(module: Any):
